@@ -1,0 +1,66 @@
+"""Rectified-flow (flow matching) schedule as in Wan: x_t = (1 - s) x_0 + s * noise, target = noise - x_0.
+
+``s`` (sigma) runs from 1 (pure noise) to 0 (clean); the model is conditioned on ``t = 1000 s``.
+Wan shifts sigmas towards the noisy end with ``shift * s / (1 + (shift - 1) s)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(shape: tuple[int, ...], shift: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training sigmas: uniform in (0, 1), then shifted as at sampling time."""
+    u = torch.rand(shape, generator=generator)
+    return shift_sigma(u, shift)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``sigma`` broadcasts from the left: (B,) per sample or (B, F) per latent frame of (B, C, F, H, W)."""
+    s = _expand(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def timestep(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma * NUM_TRAIN_TIMESTEPS
+
+
+def sampling_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """``num_steps + 1`` decreasing sigmas from 1 to 0 (the last is the clean sample)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """Integrate dx/ds = v from s=1 to s=0. ``velocity(x, t)`` gets ``t`` of shape (B,)."""
+    x = noise
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.full((x.shape[0],), float(timestep(s)), device=x.device)
+        x = x + (s_next - s) * velocity(x, t)
+    return x
+
+
+def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if sigma.dim() == 1:
+        return sigma.view(-1, *([1] * (x.dim() - 1))).to(x)
+    if sigma.dim() == 2:  # (B, F) per latent frame of (B, C, F, H, W)
+        return sigma[:, None, :, None, None].to(x)
+    raise ValueError(f"sigma must be (B,) or (B, F), got shape {tuple(sigma.shape)}")
