@@ -1,0 +1,223 @@
+"""The Wan2.2 DiT: diffusers ``WanTransformer3DModel`` numerics (TI2V-5B variant), per-frame timesteps,
+block-causal attention and a KV cache for streaming.
+
+A plain model, readable top to bottom: parallelism, quantization, LoRA and training loops wrap it
+from elsewhere. Parameter names follow diffusers except where diffusers nests for its own reasons
+(``condition_embedder.``, ``to_out.0``, ``ffn.net.0.proj``); ``wan_adapter`` maps between them.
+
+Shapes: B batch, F latent frames, f = F / patch_t frames after patching, S = f * h * w tokens,
+D = dim. Timesteps (in [0, 1000]) are one per sample or one per post-patch frame; modulation is
+computed per frame and broadcast over that frame's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longlive.config import DiTConfig
+from longlive.models.attention import KVCache, attention, block_causal_mask
+from longlive.models.rope import apply_rope, rope_freqs
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """(N,) -> (N, dim) as diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 (diffusers ``FP32LayerNorm``); returns float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, hidden)
+        self.act = act
+        self.linear_2 = nn.Linear(hidden, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMSNorm on q and k across all heads (Wan's ``rms_norm_across_heads``)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        """Self-attention when ``context`` is None, else cross-attention to it."""
+        kv_in = x if context is None else context
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.num_heads, -1))
+        v = self.to_v(kv_in).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        return self.to_out(attention(q, k, v, mask).flatten(2))
+
+
+def _frames(x: Tensor, f: int) -> Tensor:
+    """(B, S, D) -> (B, f, S / f, D), so per-frame (B, f, 1, D) modulation broadcasts over tokens."""
+    return x.unflatten(1, (f, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm32(d, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(d, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm32(d, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.attn2 = Attention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm32(d, cfg.eps, elementwise_affine=False)
+        self.ffn = MLP(d, cfg.ffn_dim, d, nn.GELU(approximate="tanh"))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, context, e, rope, *, mask=None, context_mask=None, kv_cache=None, layer=0) -> Tensor:
+        """``e``: (B, f or 1, 6, D) timestep projection of each frame (or of the whole sample)."""
+        f = e.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + e.float()).unsqueeze(3).unbind(2)
+
+        h = (_frames(self.norm1(x), f) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
+        h = self.attn1(h, rope=rope, mask=mask, kv_cache=kv_cache, layer=layer)
+        x = (_frames(x.float(), f) + _frames(h, f) * gate1).flatten(1, 2).type_as(x)
+
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=context_mask)
+
+        h = (_frames(self.norm3(x), f) * (1 + scale2) + shift2).flatten(1, 2).type_as(x)
+        h = self.ffn(h)
+        return (_frames(x.float(), f) + _frames(h.float(), f) * gate2).flatten(1, 2).type_as(x)
+
+
+class WanDiT(nn.Module):
+    # kept in float32 when loading in a lower precision, as diffusers does
+    keep_in_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, text_dim: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.cfg, self.in_channels, self.text_dim = cfg, in_channels, text_dim
+        self.out_channels = out_channels or in_channels
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.time_embedder = MLP(cfg.freq_dim, d, d, nn.SiLU())
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.text_embedder = MLP(text_dim, d, d, nn.GELU(approximate="tanh"))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_out = LayerNorm32(d, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(d, self.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+
+    def forward(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        *,
+        block_frames: int | None = None,
+        kv_cache: KVCache | None = None,
+        frame_offset: int = 0,
+        context_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predict (B, out_channels, F, H, W) from latents ``x`` (B, C, F, H, W).
+
+        timestep: (B,) or (B, f) per post-patch frame. context: (B, L, text_dim), zero-padded as Wan
+        does; ``context_mask`` (B, L) bool, True for real tokens, optionally hides the padding.
+        block_frames: None for bidirectional attention, k for block-causal blocks of k frames.
+        kv_cache: read always, written while ``kv_cache.write`` (see :class:`KVCache`).
+        frame_offset: absolute (post-patch) frame index of x's first frame, for RoPE.
+        attn_mask: explicit (S_q, S_k) boolean self-attention mask; overrides ``block_frames``.
+        """
+        B, _, nf, nh, nw = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = nf // pt, nh // ph, nw // pw
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
+
+        rope = rope_freqs(self.cfg.head_dim, frame_offset + torch.arange(f), h, w, device=x.device)
+        context = self.text_embedder(context.to(self.text_embedder.linear_1.weight.dtype))
+        temb, e = self.embed_timestep(timestep, f, dtype=context.dtype)
+        cached = kv_cache.num_frames if kv_cache is not None else 0
+        if attn_mask is None and block_frames is not None:
+            attn_mask = block_causal_mask(f, h * w, block_frames, cached_frames=cached, device=x.device)
+        if context_mask is not None:
+            context_mask = context_mask.bool()[:, None, None, :]
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, e, rope, mask=attn_mask, context_mask=context_mask, kv_cache=kv_cache, layer=i)
+        if kv_cache is not None:
+            kv_cache.advance(f)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        x = (_frames(self.norm_out(x), temb.shape[1]) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        x = self.proj_out(x)
+        x = x.reshape(B, f, h, w, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, self.out_channels, f * pt, h * ph, w * pw)
+
+    def embed_timestep(self, timestep: Tensor, frames: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """timestep (B,) or (B, frames) -> temb (B, T, D) and block modulation (B, T, 6, D), T = 1 or frames."""
+        t = timestep.reshape(-1, 1) if timestep.ndim == 1 else timestep
+        if t.ndim != 2 or t.shape[1] not in (1, frames):
+            raise ValueError(
+                f"timestep must be (B,) or (B, {frames}) (one per post-patch frame), got {tuple(timestep.shape)}"
+            )
+        t_freq = sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).unflatten(0, t.shape)
+        temb = self.time_embedder(t_freq.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
+        return temb, self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Wan's from-scratch init: xavier linears, zero biases, N(0, 0.02) embedders, zero output head.
+
+        Construction alone gives PyTorch/diffusers default init; call this to train from scratch.
+        """
+        cuda = sorted({p.device.index for p in self.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+            nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+            nn.init.zeros_(self.patch_embedding.bias)
+            for m in (self.text_embedder, self.time_embedder):
+                nn.init.normal_(m.linear_1.weight, std=0.02)
+                nn.init.normal_(m.linear_2.weight, std=0.02)
+            for p in [self.scale_shift_table] + [b.scale_shift_table for b in self.blocks]:
+                p.copy_(torch.randn(p.shape) / self.cfg.dim**0.5)
+            nn.init.zeros_(self.proj_out.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one post-patch frame for latents of ``height`` x ``width``."""
+        return (height // self.cfg.patch_size[1]) * (width // self.cfg.patch_size[2])

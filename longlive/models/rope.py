@@ -1,0 +1,58 @@
+"""3D rotary position embedding of Wan (diffusers ``WanRotaryPosEmbed``), at explicit frame positions.
+
+The head dimension is split into a time part and two equal spatial parts (h and w get
+``2 * (head_dim // 6)`` each, t gets the rest); each part rotates pairs of adjacent channels by
+``position * theta ** (-2i / part_dim)``. Angles are computed in float64 on the CPU and rounded to
+float32, as diffusers does, so the cos/sin tables match its buffers bit for bit. Unlike diffusers
+the frame positions are an argument, so a block can sit at any absolute frame (KV cache) and
+positions need not start at 0 or be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rope_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels of (t, h, w) in one head."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _angles(dim: int, positions: Tensor, theta: float) -> Tensor:
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.outer(positions.to(torch.float64), freqs)  # (n, dim // 2)
+
+
+def rope_freqs(
+    head_dim: int,
+    frame_positions: Tensor,
+    height: int,
+    width: int,
+    *,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (frames * height * width, 1, head_dim // 2) float32, tokens in (f, h, w) order.
+
+    ``frame_positions`` is a 1-D tensor of the (post-patch) frame index of each frame, e.g.
+    ``frame_offset + torch.arange(frames)``; h and w positions start at 0.
+    """
+    dt, dh, dw = rope_dims(head_dim)
+    f, shape = frame_positions.numel(), (frame_positions.numel(), height, width, -1)
+    angles = [
+        _angles(dt, frame_positions.cpu(), theta).view(f, 1, 1, -1),
+        _angles(dh, torch.arange(height), theta).view(1, height, 1, -1),
+        _angles(dw, torch.arange(width), theta).view(1, 1, width, -1),
+    ]  # cos/sin of the small per-axis tables, then broadcast to every token
+    cos = torch.cat([a.cos().float().to(device).expand(shape) for a in angles], dim=-1)
+    sin = torch.cat([a.sin().float().to(device).expand(shape) for a in angles], dim=-1)
+    return cos.reshape(-1, 1, head_dim // 2), sin.reshape(-1, 1, head_dim // 2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, S, heads, head_dim) ``x`` by the tables of :func:`rope_freqs`, in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
