@@ -1,0 +1,32 @@
+"""What every stage shares: logging, the preset, and small atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.logging import RichHandler
+
+from longlive.config import ConfigError, Preset, load_preset
+
+
+def setup(stage: str) -> Preset:
+    """Configure logging and load the preset; a config error exits with its message, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    try:
+        preset = load_preset()
+    except ConfigError as e:
+        sys.exit(f"{stage}: {e}")
+    logging.getLogger(stage).info("stage %s, preset %s", stage, preset.name)
+    return preset
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
