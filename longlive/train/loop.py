@@ -33,6 +33,16 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def lr_factor(step: int, total: int, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` of the peak: the short CPU runs converge
+    noticeably better with the decay than at a constant rate."""
+    warmup = max(1, int(total * warmup_frac))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -66,6 +76,7 @@ def run_training(
     if not params:
         raise TrainingError(f"{name}: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     fingerprint = {"name": name, "seed": seed, "data": data_fingerprint, **cfg.model_dump()}
 
     start, history = 0, []
@@ -74,6 +85,7 @@ def run_training(
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
             start, history = state["step"], state["history"]
             log.info("%s: resuming from step %d (%s)", name, start, ckpt_path)
         else:
@@ -83,7 +95,7 @@ def run_training(
     def save(step: int) -> None:
         atomic_torch_save(
             {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "history": history},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
             ckpt_path,
         )
 
@@ -101,6 +113,7 @@ def run_training(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        sched.step()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), **metrics}
             history.append(rec)
