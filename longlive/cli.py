@@ -1,4 +1,5 @@
-"""The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body."""
+"""The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body,
+``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set."""
 
 from __future__ import annotations
 
@@ -32,6 +33,61 @@ def _stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from longlive.inference.generate import cli_generate
+
+    return cli_generate(args)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a video from a prompt (schedule) to mp4 + timings JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt for the whole video")
+    src.add_argument("--prompt-schedule", metavar="FILE", help="JSON/YAML list of {start|frame, prompt, shot}")
+    p.add_argument("--image", help="I2V: PNG/JPEG first frame")
+    p.add_argument("--seconds", type=float, required=True, help="video length (rounded up to whole blocks)")
+    p.add_argument("--out", required=True, help="output mp4; timings go to the same path with .json")
+    p.add_argument("--checkpoint", help="DiT directory (default: <base>/dit); a train_ar export's ar_config.json "
+                   "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift")
+    p.add_argument("--base", default="models/base", help="base models directory (vae/, text/)")
+    p.add_argument("--preset")
+    p.add_argument("--params", help="path to params.yaml")
+    p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
+    p.add_argument("--device", help="DiT device (default: the preset's; auto = cuda if available)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference setting, e.g. --set sink_frames=0 --set guidance_scale=3")
+    p.set_defaults(func=_generate)
+
+
+def _eval_quality(args: argparse.Namespace) -> int:
+    from longlive.eval.quality import cli_eval_quality
+
+    return cli_eval_quality(args)
+
+
+def _add_eval_quality(sub) -> None:
+    p = sub.add_parser("eval-quality", help="prompt following (T2V, I2V, multi-shot, long-video drift) on held-out prompts")
+    p.add_argument("--checkpoint", required=True, help="a train_ar export (models/ar/t2v) or a DiT directory (models/base/dit)")
+    p.add_argument("--kind", choices=("t2v", "i2v", "multishot", "drift", "all"), default="all",
+                   help="all: t2v (i2v for an I2V checkpoint), multishot and drift")
+    p.add_argument("--num-prompts", type=int, default=24, help="held-out prompts for t2v/i2v (and multishot by default)")
+    p.add_argument("--num-multishot", type=int, help="two-shot videos (default: --num-prompts)")
+    p.add_argument("--num-drift", type=int, default=2, help="long videos per drift setting")
+    p.add_argument("--length-factor", type=int, default=10, help="drift video length in training clips")
+    p.add_argument("--i2v", action="store_true", help="multishot/drift from the held-out image even if the checkpoint is T2V")
+    p.add_argument("--out", help="report JSON (default: reports/quality/<checkpoint name>.json); samples beside it")
+    p.add_argument("--samples", type=int, default=2, help="sample mp4s per evaluation (0: none)")
+    p.add_argument("--base", default="models/base", help="base models directory (vae/, text/)")
+    p.add_argument("--preset")
+    p.add_argument("--params", help="path to params.yaml")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of prompt 0 (prompt k uses seed + k)")
+    p.add_argument("--device", help="DiT device (default: the preset's; auto = cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for tiny models on shared cores)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference setting, e.g. --set sampler=euler --set denoising_steps=[1000,500]")
+    p.set_defaults(func=_eval_quality)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longlive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=STAGES)
     p.add_argument("--preset")
     p.set_defaults(func=_stage)
+    _add_generate(sub)
+    _add_eval_quality(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -9,11 +9,20 @@ import pytest
 import torch
 
 from longlive.config import load_preset
-from longlive.models.attention import KVCache, block_causal_mask
+from longlive.models.attention import KVCache, block_causal_mask, teacher_forcing_mask
 from longlive.models.dit import WanDiT
-from longlive.models.rope import rope_dims
+from longlive.models.rope import rope_dims, rope_freqs
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on shared cores: OpenMP threads only wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +161,111 @@ def test_wan22_5b_param_count_on_meta():
     n = m.num_params()
     print(f"wan22-5b WanDiT parameters: {n:,} ({n / 1e9:.3f}B)")
     assert 4.9e9 < n < 5.2e9
+
+
+def test_frame_positions_override_offset(model, inputs):
+    x, context, t = inputs
+    with torch.no_grad():
+        by_offset = model(x, t, context, frame_offset=3)
+        by_positions = model(x, t, context, frame_positions=torch.arange(3, 8))
+        gaps = torch.tensor([0, 1, 2, 9, 10])
+        per_sample = model(x, t, context, frame_positions=torch.stack((gaps, torch.arange(5))))
+        first = model(x[:1], t[:1], context[:1], frame_positions=gaps)
+        second = model(x[1:], t[1:], context[1:])
+    assert torch.equal(by_offset, by_positions)
+    torch.testing.assert_close(per_sample, torch.cat((first, second)), atol=ATOL, rtol=0)
+    assert (first - model(x[:1], t[:1], context[:1])).abs().max() > 1e-3  # a gap in positions matters
+    with pytest.raises(ValueError, match="frame_positions"):
+        model(x, t, context, frame_positions=torch.arange(4))
+
+
+def test_batched_rope_tables_match_per_row():
+    pos = torch.tensor([[0, 5, 6], [2, 3, 40]])
+    cos, sin = rope_freqs(32, pos, 2, 3)
+    assert cos.shape == (2, 18, 1, 16)
+    for b in range(2):
+        c, s_ = rope_freqs(32, pos[b], 2, 3)
+        assert torch.equal(cos[b], c) and torch.equal(sin[b], s_)
+
+
+def _brute_force_teacher_forcing(num_frames, frame_tokens, block_frames):
+    n = 2 * num_frames * frame_tokens
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for qi in range(n):
+        q_noisy, q_frame = divmod(qi // frame_tokens, num_frames)
+        for ki in range(n):
+            k_noisy, k_frame = divmod(ki // frame_tokens, num_frames)
+            qb, kb = q_frame // block_frames, k_frame // block_frames
+            if not q_noisy:
+                mask[qi, ki] = not k_noisy and kb <= qb
+            else:
+                mask[qi, ki] = (not k_noisy and kb < qb) or (k_noisy and kb == qb)
+    return mask
+
+
+@pytest.mark.parametrize("num_frames,frame_tokens,block_frames", [(5, 1, 2), (4, 3, 1), (6, 2, 3), (3, 2, 4)])
+def test_teacher_forcing_mask_matches_brute_force(num_frames, frame_tokens, block_frames):
+    got = teacher_forcing_mask(num_frames, frame_tokens, block_frames)
+    assert torch.equal(got, _brute_force_teacher_forcing(num_frames, frame_tokens, block_frames))
+
+
+def test_teacher_forcing_forward_equals_streaming(model, inputs):
+    """[clean | noisy] in one pass == each noisy block denoised after its clean history (block-causal)."""
+    x, context, t = inputs
+    clean, noisy = x, torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    tokens = model.tokens_per_frame(8, 8)
+    with torch.no_grad():
+        out = model(
+            torch.cat((clean, noisy), dim=2),
+            torch.cat((torch.zeros_like(t), t), dim=1),
+            context,
+            attn_mask=teacher_forcing_mask(5, tokens, 2),
+            frame_positions=torch.arange(5).repeat(2),
+        )
+        for f0 in range(0, 5, 2):
+            f1 = min(f0 + 2, 5)
+            ref = model(
+                torch.cat((clean[:, :, :f0], noisy[:, :, f0:f1]), dim=2),
+                torch.cat((torch.zeros_like(t[:, :f0]), t[:, f0:f1]), dim=1),
+                context,
+                block_frames=2,
+            )
+            torch.testing.assert_close(out[:, :, 5 + f0 : 5 + f1], ref[:, :, f0:], atol=ATOL, rtol=0)
+
+
+def test_multi_prompt_context_single_prompt_equivalence(model, inputs):
+    x, context, t = inputs
+    other = torch.randn(context.shape, generator=torch.Generator().manual_seed(7))
+    both = torch.stack((context, other), dim=1)  # (B, 2, L, D)
+    with torch.no_grad():
+        single = model(x, t, context, block_frames=2)
+        assert torch.allclose(model(x, t, context[:, None], block_frames=2), single, atol=ATOL, rtol=0)
+        all_first = model(x, t, both, context_index=torch.zeros(2, 5, dtype=torch.long), block_frames=2)
+        all_second = model(x, t, both, context_index=torch.ones(2, 5, dtype=torch.long), block_frames=2)
+        single_other = model(x, t, other, block_frames=2)
+    torch.testing.assert_close(all_first, single, atol=ATOL, rtol=0)
+    torch.testing.assert_close(all_second, single_other, atol=ATOL, rtol=0)
+
+
+def test_multi_prompt_context_per_frame(model, inputs):
+    """Prompt 0 for the first block, prompt 1 after: block-causal streaming with the matching prompt."""
+    x, context, t = inputs
+    other = torch.randn(context.shape, generator=torch.Generator().manual_seed(7))
+    both = torch.stack((context, other), dim=1)
+    mask = torch.zeros(2, 2, 16, dtype=torch.bool)
+    mask[:, 0, :9], mask[:, 1, :12] = True, True
+    index = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        mixed = model(x, t, both, context_index=index, context_mask=mask, block_frames=2)
+        for b in range(2):
+            n0, n1 = int(index[b, 0]), int(index[b, 2])
+            short = [both[b : b + 1, n, : int(mask[b, n].sum())] for n in (n0, n1)]
+            first = model(x[b : b + 1, :, :2], t[b : b + 1, :2], short[0])
+            torch.testing.assert_close(mixed[b : b + 1, :, :2], first, atol=ATOL, rtol=0)
+            cache = KVCache(len(model.blocks))
+            with cache.writing():
+                model(x[b : b + 1, :, :2], t[b : b + 1, :2], short[0], kv_cache=cache)
+            rest = model(x[b : b + 1, :, 2:], t[b : b + 1, 2:], short[1], kv_cache=cache, frame_offset=2, block_frames=2)
+            torch.testing.assert_close(mixed[b : b + 1, :, 2:], rest, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="context_index"):
+        model(x, t, both)

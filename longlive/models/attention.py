@@ -48,21 +48,57 @@ def block_causal_mask(
     return allowed.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
 
 
+def teacher_forcing_mask(
+    num_frames: int, frame_tokens: int, block_frames: int, *, device: torch.device | str | None = None
+) -> Tensor:
+    """(2S, 2S) boolean mask for the teacher-forcing layout [clean frames 0..F-1 | noisy frames 0..F-1].
+
+    Clean block i attends to clean blocks <= i (what the KV cache holds at inference). Noisy block i
+    attends to clean blocks < i (its clean history) and to itself, never to other noisy blocks.
+    S = num_frames * frame_tokens. Pair it with ``frame_positions = arange(F).repeat(2)`` so a
+    noisy frame shares its clean copy's RoPE position.
+    """
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    block = torch.arange(num_frames, device=device) // block_frames
+    q, k = block[:, None], block[None, :]
+    clean_to_clean = k <= q
+    noisy_to_clean = k < q
+    noisy_to_noisy = k == q
+    frames = torch.cat(
+        (
+            torch.cat((clean_to_clean, torch.zeros_like(clean_to_clean)), dim=1),
+            torch.cat((noisy_to_clean, noisy_to_noisy), dim=1),
+        ),
+        dim=0,
+    )  # (2F, 2F)
+    return frames.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
+
+
 class KVCache:
-    """Self-attention keys (after RoPE) and values of earlier frames, per layer, (B, S, heads, head_dim).
+    """Self-attention keys (before RoPE) and values of earlier frames, per layer, (B, S, heads, head_dim),
+    and the RoPE frame position of each held frame (``positions``, (num_frames,) long).
 
     A forward given ``kv_cache=cache`` always *reads* it: the new queries attend to the cached
-    tokens followed by the new ones. It *writes* (appends the new K/V and advances
-    ``num_frames``) only while ``cache.write`` is True, e.g. ``with cache.writing(): model(...)``.
-    The streaming loop therefore runs the denoising steps of a block as reads, then one pass of the
-    clean block (t=0) inside ``writing()``.
+    tokens followed by the new ones. It *writes* (appends the new K/V and their frame positions)
+    only while ``cache.write`` is True, e.g. ``with cache.writing(): model(...)``. The streaming loop
+    therefore runs the denoising steps of a block as reads, then one pass of the clean block (t=0)
+    inside ``writing()``.
+
+    Keys are stored before RoPE and rotated at attention time by ``positions``, so a subclass can
+    re-base positions (relative RoPE for unbounded length) or drop frames (:meth:`keep`) without
+    recomputing anything: the held K/V do not depend on where the frames sit.
     """
 
     def __init__(self, num_layers: int) -> None:
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
-        self.num_frames = 0  # post-patch frames held
+        self.positions = torch.zeros(0, dtype=torch.long)  # one per held (post-patch) frame
         self.write = False
+
+    @property
+    def num_frames(self) -> int:
+        return self.positions.numel()
 
     @contextmanager
     def writing(self) -> Iterator["KVCache"]:
@@ -73,7 +109,7 @@ class KVCache:
             self.write = previous
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """K and V to attend to at ``layer``: cached then new; stored back while writing."""
+        """K (un-rotated) and V to attend to at ``layer``: cached then new; stored back while writing."""
         if self.k[layer] is not None:
             k = torch.cat((self.k[layer], k), dim=1)
             v = torch.cat((self.v[layer], v), dim=1)
@@ -81,15 +117,27 @@ class KVCache:
             self.k[layer], self.v[layer] = k, v
         return k, v
 
-    def advance(self, frames: int) -> None:
-        """Called by the model once per forward, after all layers."""
+    def advance(self, positions: Tensor) -> None:
+        """Called by the model once per forward, after all layers, with the new frames' positions."""
         if self.write:
-            self.num_frames += frames
+            self.positions = torch.cat((self.positions, positions.detach().cpu().long().flatten()))
+
+    def keep(self, frames: Tensor | list[int]) -> None:
+        """Keep only the held frames at indices ``frames`` (in that order); drop the rest."""
+        frames = torch.as_tensor(frames, dtype=torch.long)
+        n = self.num_frames
+        if n == 0:
+            return
+        for store in (self.k, self.v):
+            for layer, t in enumerate(store):
+                if t is not None:
+                    store[layer] = t.unflatten(1, (n, -1))[:, frames.to(t.device)].flatten(1, 2)
+        self.positions = self.positions[frames]
 
     def reset(self) -> None:
         self.k = [None] * len(self.k)
         self.v = [None] * len(self.v)
-        self.num_frames = 0
+        self.positions = torch.zeros(0, dtype=torch.long)
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

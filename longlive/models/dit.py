@@ -1,5 +1,5 @@
 """The Wan2.2 DiT: diffusers ``WanTransformer3DModel`` numerics (TI2V-5B variant), per-frame timesteps,
-block-causal attention and a KV cache for streaming.
+block-causal attention and a KV cache (keys stored before RoPE) for streaming.
 
 A plain model, readable top to bottom: parallelism, quantization, LoRA and training loops wrap it
 from elsewhere. Parameter names follow diffusers except where diffusers nests for its own reasons
@@ -69,19 +69,24 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         *,
         rope: tuple[Tensor, Tensor] | None = None,
+        key_rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        """Self-attention when ``context`` is None, else cross-attention to it."""
+        """Self-attention when ``context`` is None, else cross-attention to it.
+
+        ``rope`` rotates the queries; ``key_rope`` (default ``rope``) the keys, which with a cache are
+        the cached keys (stored un-rotated) followed by the new ones.
+        """
         kv_in = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.num_heads, -1))
         v = self.to_v(kv_in).unflatten(-1, (self.num_heads, -1))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *(key_rope or rope))
         return self.to_out(attention(q, k, v, mask).flatten(2))
 
 
@@ -102,13 +107,15 @@ class Block(nn.Module):
         self.ffn = MLP(d, cfg.ffn_dim, d, nn.GELU(approximate="tanh"))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, context, e, rope, *, mask=None, context_mask=None, kv_cache=None, layer=0) -> Tensor:
+    def forward(
+        self, x, context, e, rope, *, key_rope=None, mask=None, context_mask=None, kv_cache=None, layer=0
+    ) -> Tensor:
         """``e``: (B, f or 1, 6, D) timestep projection of each frame (or of the whole sample)."""
         f = e.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + e.float()).unsqueeze(3).unbind(2)
 
         h = (_frames(self.norm1(x), f) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
-        h = self.attn1(h, rope=rope, mask=mask, kv_cache=kv_cache, layer=layer)
+        h = self.attn1(h, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
         x = (_frames(x.float(), f) + _frames(h, f) * gate1).flatten(1, 2).type_as(x)
 
         x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=context_mask)
@@ -147,14 +154,21 @@ class WanDiT(nn.Module):
         frame_offset: int = 0,
         context_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        frame_positions: Tensor | None = None,
+        context_index: Tensor | None = None,
     ) -> Tensor:
         """Predict (B, out_channels, F, H, W) from latents ``x`` (B, C, F, H, W).
 
         timestep: (B,) or (B, f) per post-patch frame. context: (B, L, text_dim), zero-padded as Wan
         does; ``context_mask`` (B, L) bool, True for real tokens, optionally hides the padding.
+        Multi-prompt: context (B, N, L, text_dim) with ``context_index`` (B, f) giving each frame's
+        prompt in 0..N-1; a frame's tokens cross-attend to its own prompt only (context_mask (B, N, L)).
         block_frames: None for bidirectional attention, k for block-causal blocks of k frames.
-        kv_cache: read always, written while ``kv_cache.write`` (see :class:`KVCache`).
+        kv_cache: read always, written while ``kv_cache.write`` (see :class:`KVCache`); its keys are
+            rotated by ``kv_cache.positions``, the new frames' by their own positions.
         frame_offset: absolute (post-patch) frame index of x's first frame, for RoPE.
+        frame_positions: explicit RoPE position of each post-patch frame, (f,) or (B, f); overrides
+            ``frame_offset`` (teacher forcing gives a noisy frame the position of its clean copy).
         attn_mask: explicit (S_q, S_k) boolean self-attention mask; overrides ``block_frames``.
         """
         B, _, nf, nh, nw = x.shape
@@ -162,25 +176,68 @@ class WanDiT(nn.Module):
         f, h, w = nf // pt, nh // ph, nw // pw
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
 
-        rope = rope_freqs(self.cfg.head_dim, frame_offset + torch.arange(f), h, w, device=x.device)
-        context = self.text_embedder(context.to(self.text_embedder.linear_1.weight.dtype))
+        if frame_positions is None:
+            frame_positions = frame_offset + torch.arange(f)
+        elif frame_positions.shape[-1] != f or frame_positions.ndim not in (1, 2):
+            raise ValueError(f"frame_positions must be ({f},) or (B, {f}), got {tuple(frame_positions.shape)}")
+        rope = rope_freqs(self.cfg.head_dim, frame_positions, h, w, device=x.device)
+        key_rope = None
+        if kv_cache is not None and kv_cache.num_frames:
+            if frame_positions.ndim != 1:
+                raise ValueError("with a kv_cache, frame_positions must be (f,): the cache holds one position per frame")
+            key_positions = torch.cat((kv_cache.positions, frame_positions.cpu().long()))
+            key_rope = rope_freqs(self.cfg.head_dim, key_positions, h, w, device=x.device)
+        context, context_mask = self.prompt_context(context, context_mask, context_index, f, h * w)
         temb, e = self.embed_timestep(timestep, f, dtype=context.dtype)
         cached = kv_cache.num_frames if kv_cache is not None else 0
         if attn_mask is None and block_frames is not None:
             attn_mask = block_causal_mask(f, h * w, block_frames, cached_frames=cached, device=x.device)
-        if context_mask is not None:
-            context_mask = context_mask.bool()[:, None, None, :]
 
         for i, block in enumerate(self.blocks):
-            x = block(x, context, e, rope, mask=attn_mask, context_mask=context_mask, kv_cache=kv_cache, layer=i)
+            x = block(
+                x, context, e, rope, key_rope=key_rope, mask=attn_mask, context_mask=context_mask,
+                kv_cache=kv_cache, layer=i,
+            )
         if kv_cache is not None:
-            kv_cache.advance(f)
+            kv_cache.advance(frame_positions)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
         x = (_frames(self.norm_out(x), temb.shape[1]) * (1 + scale) + shift).flatten(1, 2).type_as(x)
         x = self.proj_out(x)
         x = x.reshape(B, f, h, w, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, self.out_channels, f * pt, h * ph, w * pw)
+
+    def prompt_context(
+        self, context: Tensor, context_mask: Tensor | None, context_index: Tensor | None, frames: int, frame_tokens: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Embedded text (B, L', D) and the cross-attention mask (broadcasting to (B, heads, S, L')).
+
+        One prompt: (B, L, text_dim) and an optional (B, L) padding mask. Several: (B, N, L, text_dim)
+        are flattened to N * L keys and each frame's queries are masked to the L keys of prompt
+        ``context_index[b, frame]``, which is exactly one-prompt attention to that prompt.
+        """
+        if context.ndim == 4:
+            Bc, N, L, _ = context.shape
+            if context_index is None:
+                if N != 1:
+                    raise ValueError(f"context has {N} prompts: pass context_index (B, {frames})")
+                context_index = torch.zeros(Bc, frames, dtype=torch.long, device=context.device)
+            if context_index.shape[-1] != frames:
+                raise ValueError(f"context_index must be (B, {frames}), got {tuple(context_index.shape)}")
+            context_index = context_index.to(context.device).long().expand(Bc, frames)
+            if bool((context_index < 0).any() or (context_index >= N).any()):
+                raise ValueError(f"context_index values must lie in 0..{N - 1}")
+            prompt_of_key = torch.arange(N, device=context.device).repeat_interleave(L)  # (N * L,)
+            allowed = context_index[:, :, None] == prompt_of_key  # (B, f, N * L)
+            if context_mask is not None:
+                allowed = allowed & context_mask.bool().reshape(Bc, 1, N * L)
+            context_mask = allowed.repeat_interleave(frame_tokens, dim=1)[:, None]  # (B, 1, S, N * L)
+            context = context.flatten(1, 2)
+        elif context_index is not None:
+            raise ValueError("context_index needs a (B, N, L, text_dim) context")
+        elif context_mask is not None:
+            context_mask = context_mask.bool()[:, None, None, :]
+        return self.text_embedder(context.to(self.text_embedder.linear_1.weight.dtype)), context_mask
 
     def embed_timestep(self, timestep: Tensor, frames: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """timestep (B,) or (B, frames) -> temb (B, T, D) and block modulation (B, T, 6, D), T = 1 or frames."""

@@ -22,7 +22,7 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
 
 def _angles(dim: int, positions: Tensor, theta: float) -> Tensor:
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return torch.outer(positions.to(torch.float64), freqs)  # (n, dim // 2)
+    return positions.to(torch.float64)[..., None] * freqs  # (..., n, dim // 2)
 
 
 def rope_freqs(
@@ -36,19 +36,23 @@ def rope_freqs(
 ) -> tuple[Tensor, Tensor]:
     """cos and sin, each (frames * height * width, 1, head_dim // 2) float32, tokens in (f, h, w) order.
 
-    ``frame_positions`` is a 1-D tensor of the (post-patch) frame index of each frame, e.g.
-    ``frame_offset + torch.arange(frames)``; h and w positions start at 0.
+    ``frame_positions`` holds the (post-patch) frame position of each frame, e.g.
+    ``frame_offset + torch.arange(frames)``; h and w positions start at 0. It is (frames,), or
+    (B, frames) for one set of positions per sample, which gives tables of (B, tokens, 1, head_dim // 2).
     """
+    if frame_positions.ndim not in (1, 2):
+        raise ValueError(f"frame_positions must be (frames,) or (B, frames), got {tuple(frame_positions.shape)}")
     dt, dh, dw = rope_dims(head_dim)
-    f, shape = frame_positions.numel(), (frame_positions.numel(), height, width, -1)
+    lead, f = frame_positions.shape[:-1], frame_positions.shape[-1]
+    shape = (*lead, f, height, width, -1)
     angles = [
-        _angles(dt, frame_positions.cpu(), theta).view(f, 1, 1, -1),
-        _angles(dh, torch.arange(height), theta).view(1, height, 1, -1),
-        _angles(dw, torch.arange(width), theta).view(1, 1, width, -1),
+        _angles(dt, frame_positions.cpu(), theta).view(*lead, f, 1, 1, -1),
+        _angles(dh, torch.arange(height), theta).view(height, 1, -1),
+        _angles(dw, torch.arange(width), theta).view(width, -1),
     ]  # cos/sin of the small per-axis tables, then broadcast to every token
     cos = torch.cat([a.cos().float().to(device).expand(shape) for a in angles], dim=-1)
     sin = torch.cat([a.sin().float().to(device).expand(shape) for a in angles], dim=-1)
-    return cos.reshape(-1, 1, head_dim // 2), sin.reshape(-1, 1, head_dim // 2)
+    return cos.reshape(*lead, -1, 1, head_dim // 2), sin.reshape(*lead, -1, 1, head_dim // 2)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -1,0 +1,257 @@
+"""``longlive generate``: load the models, stream a video to mp4 and write a JSON of timings.
+
+Models: the VAE and text encoder from the base directory (``models/base``: ``vae/``, ``text/``; UMT5 from
+``text.path``), the DiT from ``checkpoint`` (default ``<base>/dit``; any :func:`load_dit` checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longlive.config import InferenceConfig, Preset
+from longlive.data.video_io import frames_to_tensor
+from longlive.inference.pipeline import StreamingPipeline
+from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule, latent_frame_at
+from longlive.inference.writer import BlockDecoder, Mp4Stream
+from longlive.models.dit import WanDiT
+from longlive.models.text import TextEncoder, load_text_encoder
+from longlive.models.vae import WanVAE
+from longlive.models.wan_adapter import load_dit
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Models:
+    dit: WanDiT
+    vae: WanVAE
+    text: TextEncoder
+
+
+def load_models(
+    preset: Preset,
+    base: str | os.PathLike = "models/base",
+    checkpoint: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Models:
+    base = Path(base)
+    device = torch.device(device)
+    dit = load_dit(checkpoint or base / "dit", dtype=dtype, expect=preset.dit).to(device).eval()
+    vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
+    vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
+    text = load_text_encoder(preset.text, base / "text")
+    return Models(dit, vae, text)
+
+
+def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -> torch.Tensor:
+    """A PNG/JPEG path or a uint8 (H, W, 3[+1]) array -> (1, 3, 1, height, width) in [-1, 1] (resized)."""
+    if not isinstance(image, np.ndarray):
+        import imageio.v3 as iio
+
+        image = iio.imread(Path(image))
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3 or 4), got {image.dtype} {image.shape}")
+    x = frames_to_tensor(np.ascontiguousarray(image[None, ..., :3]))  # (3, 1, H, W)
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x.transpose(0, 1), size=(height, width), mode="bilinear", antialias=True,
+                          align_corners=False).transpose(0, 1).clamp(-1, 1)
+    return x[None]
+
+
+def timings_path(out: str | os.PathLike) -> Path:
+    """The timings JSON beside a video: ``video.mp4`` -> ``video.json``."""
+    return Path(out).with_suffix(".json")
+
+
+@dataclass
+class GenerationResult:
+    path: Path | None
+    timings: dict
+    schedule: list[tuple[int, str]]  # realised (start pixel frame, prompt), for prompt-following scores
+    frames: np.ndarray | None = None  # uint8 (T, H, W, 3) when keep_frames
+    latents: torch.Tensor | None = None  # (1, C, F, h, w) when keep_latents
+
+
+def generate_video(
+    models: Models,
+    preset: Preset,
+    schedule: PromptSchedule,
+    *,
+    seconds: float | None = None,
+    latent_frames: int | None = None,
+    out: str | os.PathLike | None = None,
+    image: str | os.PathLike | np.ndarray | torch.Tensor | None = None,
+    seed: int | None = None,
+    inference: InferenceConfig | None = None,
+    keep_frames: bool = False,
+    keep_latents: bool = False,
+) -> GenerationResult:
+    """Stream one video. Length: ``seconds`` at ``preset.video.fps`` or ``latent_frames``, rounded up
+    to whole blocks. ``image``: path, uint8 array or a (1, 3, 1, H, W) tensor in [-1, 1] (I2V).
+    Writes ``out`` (mp4) and its timings (:func:`timings_path`) when ``out`` is given."""
+    cfg = inference or preset.inference
+    tc, fps = preset.vae.temporal_compression, preset.video.fps
+    if latent_frames is None:
+        if seconds is None or seconds <= 0:
+            raise ValueError("give seconds > 0 or latent_frames")
+        latent_frames = latent_frame_at(max(1, math.ceil(seconds * fps)), tc)  # covers the last pixel frame
+    dit, vae, text = models.dit, models.vae, models.text
+    device = next(dit.parameters()).device
+    pipe = StreamingPipeline(dit, cfg, device)
+    C, _, h, w = preset.latent_shape
+
+    image_latent = None
+    if image is not None:
+        pixels = image if isinstance(image, torch.Tensor) else load_image(image, preset.video.height, preset.video.width)
+        with torch.no_grad():
+            image_latent = vae.encode(pixels.to(next(vae.parameters()).device)).float()
+    sizes = block_sizes(latent_frames, cfg.block_frames, first_alone=image is not None and cfg.independent_first_frame)
+    plans = schedule.plan(sizes, fps, tc)
+    contexts = [text.encode([p])[0] for p in schedule.prompts]
+    null_context = text.encode([""])[0] if cfg.guidance_scale != 1.0 else None
+    generator = torch.Generator().manual_seed(preset.seed if seed is None else seed)
+
+    frames_out: list[np.ndarray] = []
+    latents_out: list[torch.Tensor] = []
+    writer = Mp4Stream(out, fps) if out is not None else None
+
+    def on_frames(_: int, frames: np.ndarray) -> None:
+        if writer is not None:
+            writer.append(frames)
+        if keep_frames:
+            frames_out.append(frames)
+
+    decoder = BlockDecoder(vae, on_frames, async_decode=cfg.async_decode)
+    blocks, ok = [], False
+    start = time.perf_counter()
+    try:
+        for block in pipe.stream(plans, contexts, (C, h, w), image_latent=image_latent,
+                                 null_context=null_context, generator=generator):
+            decoder.submit(block.plan.index, block.latents)
+            if keep_latents:
+                latents_out.append(block.latents.cpu())
+            blocks.append({"block": block.plan.index, "start_latent_frame": block.plan.start,
+                           "frames": block.plan.frames, "prompt": block.plan.prompt, "shot": block.plan.shot,
+                           **block.timings, "generated_at": time.perf_counter() - start})
+        decode = decoder.close()
+        ok = True
+    finally:
+        if not ok:
+            try:
+                decoder.close()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        if writer is not None:
+            writer.close(ok)
+    total = time.perf_counter() - start
+
+    for b, d in zip(blocks, sorted(decode, key=lambda d: d["block"])):
+        b["decode_s"] = d["decode_s"]
+        b["decoded_at"] = d["done_at"] - start
+    pixel_frames = 1 + tc * (sum(sizes) - 1)
+    timings = {
+        "preset": preset.name,
+        "device": str(device),
+        "vae_device": str(decoder.device),
+        "async_decode": cfg.async_decode,
+        "latent_frames": sum(sizes),
+        "pixel_frames": pixel_frames,
+        "fps_video": fps,
+        "first_block_latency_s": blocks[0]["decoded_at"] if blocks else None,
+        "total_s": total,
+        "generated_fps": pixel_frames / total if total > 0 else None,
+        "denoise_s": sum(b["denoise_s"] for b in blocks),
+        "cache_s": sum(b["cache_s"] for b in blocks),
+        "recache_s": sum(b.get("recache_s", 0.0) for b in blocks),
+        "decode_s": sum(b.get("decode_s", 0.0) for b in blocks),
+        "max_cache_bytes": max((b["cache_bytes"] for b in blocks), default=0),
+        "inference": cfg.model_dump(),
+        "schedule": eval_schedule(plans, schedule.prompts, tc),
+        "blocks": blocks,
+    }
+    if out is not None:
+        timings_path(out).write_text(json.dumps(timings, indent=2) + "\n")
+    return GenerationResult(
+        Path(out) if out is not None else None, timings, timings["schedule"],
+        np.concatenate(frames_out) if keep_frames else None,
+        torch.cat(latents_out, dim=2) if keep_latents else None,
+    )
+
+
+AR_CONFIG_NAME = "ar_config.json"  # written by train_ar beside the student's dit/ directory
+FROM_AR_CONFIG = ("block_frames", "independent_first_frame", "denoising_steps", "timestep_shift")
+
+
+def read_ar_config(checkpoint: str | os.PathLike) -> dict | None:
+    """The ``ar_config.json`` of a train_ar export (in the checkpoint directory or its parent), if any."""
+    for d in (Path(checkpoint), Path(checkpoint).parent):
+        if (d / AR_CONFIG_NAME).is_file():
+            return json.loads((d / AR_CONFIG_NAME).read_text())
+    return None
+
+
+def with_ar_config(cfg: InferenceConfig, ar_config: dict | None) -> InferenceConfig:
+    """The student's training layout and step list (block size, first frame, steps, shift) win over the preset's."""
+    if not ar_config:
+        return cfg
+    return InferenceConfig.model_validate({**cfg.model_dump(), **{k: ar_config[k] for k in FROM_AR_CONFIG if k in ar_config}})
+
+
+def inference_overrides(cfg: InferenceConfig, pairs: list[str]) -> InferenceConfig:
+    """Apply ``KEY=VALUE`` overrides (values parsed as YAML) and re-validate."""
+    import yaml
+
+    updates = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in InferenceConfig.model_fields:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(InferenceConfig.model_fields)}")
+        updates[key] = yaml.safe_load(value)
+    return InferenceConfig.model_validate({**cfg.model_dump(), **updates})
+
+
+def cli_generate(args) -> int:
+    """The body of ``longlive generate`` (see ``longlive generate --help``)."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from longlive.config import ConfigError, load_preset
+
+    try:
+        preset = load_preset(args.preset, args.params)
+        ar_config = read_ar_config(args.checkpoint) if args.checkpoint else None
+        cfg = inference_overrides(with_ar_config(preset.inference, ar_config), args.set)
+        schedule = PromptSchedule.single(args.prompt) if args.prompt else PromptSchedule.load(args.prompt_schedule)
+    except (ConfigError, ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"longlive generate: {e}", file=sys.stderr)
+        return 2
+    if ar_config and ar_config.get("i2v") and not args.image:
+        print("longlive generate: warning: this student was trained for I2V; pass --image", file=sys.stderr)
+    device = resolve_device(args.device or preset.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    preset = preset.model_copy(update={"inference": cfg})
+    models = load_models(preset, args.base, args.checkpoint, device=device, dtype=dtype)
+    result = generate_video(models, preset, schedule, seconds=args.seconds, out=args.out, image=args.image,
+                            seed=args.seed)
+    t = result.timings
+    print(f"wrote {args.out} ({t['pixel_frames']} frames, {t['generated_fps']:.2f} fps generated, "
+          f"first block after {t['first_block_latency_s']:.2f} s) and {timings_path(args.out)}")
+    return 0

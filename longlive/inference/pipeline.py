@@ -1,0 +1,211 @@
+"""The streaming chunk loop: few-step denoising of one block at a time over a rolling KV cache.
+
+For each block of the plan (see :mod:`longlive.inference.schedule`):
+
+1. on a prompt switch, optionally **re-cache**: recompute the K/V of every held frame from its clean
+   latent under the new prompt (one t=0 pass with a block-causal mask over the held frames);
+2. **denoise**: start from noise and run the step list; each step reads the cache. Step t runs at
+   sigma ``shift_sigma(t / 1000, shift)`` (the model sees ``1000 * sigma``); the ``renoise`` sampler
+   predicts x0 and re-noises it with fresh noise to the next sigma (Self-Forcing / DMD students), the
+   ``euler`` sampler takes an ODE step; both end on the x0 prediction at the last step;
+3. **write**: one t=0 pass over the clean block stores its K/V, then the cache evicts and re-bases.
+
+I2V: the image latent is latent frame 0. With ``independent_first_frame`` it is a block of its own
+(only written, never denoised); otherwise it shares the first block, replaces that block's first noisy
+frame at every step (at timestep 0) and in the final output. Either way frame 0 is exactly the image.
+CFG (``guidance_scale != 1``) runs the conditional and unconditional branches as a batch of two, each
+with its own half of the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from longlive.config import InferenceConfig
+from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from longlive.inference.cache import FrameRecord, RollingKVCache, history_mask
+from longlive.inference.schedule import BlockPlan
+from longlive.models.dit import WanDiT
+
+
+def step_sigmas(denoising_steps: list[int], shift: float) -> Tensor:
+    """Sigmas of the step list (shifted as in Wan) followed by 0: ``len(denoising_steps) + 1`` values."""
+    t = torch.tensor([*denoising_steps, 0], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    return shift_sigma(t, shift).float()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class BlockOutput:
+    plan: BlockPlan
+    latents: Tensor  # (1, C, frames, h, w) clean latents of the block, float32, on the pipeline's device
+    timings: dict = field(default_factory=dict)  # seconds: denoise, cache (write pass), recache
+
+
+class StreamingPipeline:
+    """Streams a video block by block from a block-causal :class:`WanDiT`.
+
+    ``contexts``: one (1, L, text_dim) embedding per prompt of the schedule; ``null_context`` the
+    empty prompt's, needed only for CFG. Latents are normalised VAE latents of shape (C, h, w) per frame.
+    """
+
+    def __init__(self, dit: WanDiT, cfg: InferenceConfig, device: torch.device | str | None = None) -> None:
+        if dit.cfg.patch_size[0] != 1:
+            raise ValueError("streaming needs dit.patch_size[0] == 1 (one post-patch frame per latent frame)")
+        self.dit, self.cfg = dit.eval(), cfg
+        self.device = torch.device(device) if device is not None else next(dit.parameters()).device
+        self.sigmas = step_sigmas(cfg.denoising_steps, cfg.timestep_shift)
+        self.cache = self.new_cache()
+
+    def new_cache(self) -> RollingKVCache:
+        c = self.cfg
+        return RollingKVCache(
+            len(self.dit.blocks), c.sink_frames, c.window_frames,
+            multishot_sink=c.multishot_sink, shot_rope_offset=c.multishot_rope_offset,
+        )
+
+    @property
+    def cfg_on(self) -> bool:
+        return self.cfg.guidance_scale != 1.0
+
+    def _context(self, context: Tensor, null_context: Tensor | None) -> Tensor:
+        context = context.to(self.device)
+        if not self.cfg_on:
+            return context
+        if null_context is None:
+            raise ValueError(f"guidance_scale {self.cfg.guidance_scale} needs a null_context (the empty prompt)")
+        return torch.cat((context, null_context.to(self.device).expand_as(context)))
+
+    def _batch(self, x: Tensor) -> Tensor:
+        return torch.cat((x, x)) if self.cfg_on else x
+
+    def velocity(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor) -> Tensor:
+        """Model velocity for (1, C, n, h, w) ``x`` at per-frame timesteps ``t`` (n,), reading the cache."""
+        xb = self._batch(x).to(self.device)
+        tb = t.to(self.device)[None].expand(xb.shape[0], -1)
+        v = self.dit(xb, tb, context, kv_cache=self.cache, frame_positions=positions).float()
+        if self.cfg_on:
+            cond, uncond = v.chunk(2)
+            v = uncond + self.cfg.guidance_scale * (cond - uncond)
+        return v
+
+    def write(self, x0: Tensor, context: Tensor, positions: Tensor) -> None:
+        """The t=0 pass over a clean block that stores its K/V."""
+        xb = self._batch(x0).to(self.device)
+        with self.cache.writing():
+            self.dit(xb, torch.zeros(xb.shape[0], x0.shape[2], device=self.device), context,
+                     kv_cache=self.cache, frame_positions=positions)
+
+    @torch.no_grad()
+    def recache(self, context: Tensor) -> None:
+        """Recompute the K/V of every held frame under ``context`` (already CFG-batched).
+
+        One pass over the held clean latents, each frame seeing its own and earlier blocks: the cache a
+        from-scratch block-by-block write of the same frames under the new prompt would build.
+        """
+        cache = self.cache
+        if not cache.frames:
+            return
+        x = self._batch(cache.latents()).to(self.device)
+        positions = cache.positions.clone()
+        mask = history_mask([r.block for r in cache.frames], self.dit.tokens_per_frame(*x.shape[-2:]), self.device)
+        cache.clear_kv()
+        with cache.writing():
+            self.dit(x, torch.zeros(x.shape[0], x.shape[2], device=self.device), context,
+                     kv_cache=cache, frame_positions=positions, attn_mask=mask)
+
+    @torch.no_grad()
+    def denoise(
+        self, noise: Tensor, context: Tensor, positions: Tensor, generator: torch.Generator,
+        known: Tensor | None = None,
+    ) -> Tensor:
+        """Few-step denoising of one block from ``noise`` (1, C, n, h, w); ``known`` (1, C, k, h, w) are
+        clean leading frames (the I2V image) that replace the noisy ones at every step, at timestep 0."""
+        x = noise.to(self.device, torch.float32)
+        n, k = x.shape[2], 0 if known is None else known.shape[2]
+        if k:
+            known = known.to(self.device, torch.float32)
+        x0 = x
+        for i, (s, s_next) in enumerate(zip(self.sigmas[:-1].tolist(), self.sigmas[1:].tolist())):
+            if k:
+                x[:, :, :k] = known
+            t = torch.full((n,), s * NUM_TRAIN_TIMESTEPS)
+            t[:k] = 0.0
+            v = self.velocity(x, t, context, positions)
+            x0 = x - s * v
+            if k:
+                x0[:, :, :k] = known
+            if s_next == 0:
+                break
+            if self.cfg.sampler == "renoise":
+                fresh = torch.randn(x.shape, generator=generator).to(self.device)
+                x = (1 - s_next) * x0 + s_next * fresh
+            else:
+                x = x + (s_next - s) * v
+        return x0
+
+    @torch.no_grad()
+    def stream(
+        self,
+        plans: list[BlockPlan],
+        contexts: list[Tensor],
+        latent_shape: tuple[int, int, int],
+        *,
+        image_latent: Tensor | None = None,
+        null_context: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[BlockOutput]:
+        """Generate the blocks of ``plans`` in order, yielding each block's clean latents as soon as it is done.
+
+        ``latent_shape``: (C, h, w) of one latent frame. ``image_latent`` (1, C, 1, h, w): I2V first frame.
+        Noise comes from ``generator`` (CPU), so a seed gives the same video on any device.
+        """
+        generator = generator or torch.Generator().manual_seed(0)
+        self.cache.reset()
+        C, h, w = latent_shape
+        shot_start = 0
+        for plan in plans:
+            timings: dict = {}
+            context = self._context(contexts[plan.prompt], null_context)
+            if plan.new_shot:
+                shot_start = plan.start
+            if plan.switch and self.cfg.recache_on_switch and self.cache.frames:
+                t0 = time.perf_counter()
+                self.recache(context)
+                _sync(self.device)
+                timings["recache_s"] = time.perf_counter() - t0
+            positions = self.cache.next_positions(plan.frames, plan.shot)
+
+            known = None
+            if image_latent is not None and plan.start == 0:
+                known = image_latent.to(self.device, torch.float32)
+            t0 = time.perf_counter()
+            noise = torch.randn((1, C, plan.frames, h, w), generator=generator)
+            if known is not None and known.shape[2] >= plan.frames:
+                x0 = known[:, :, : plan.frames].clone()  # the image alone: nothing to denoise
+            else:
+                x0 = self.denoise(noise, context, positions, generator, known)
+            _sync(self.device)
+            timings["denoise_s"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            self.write(x0, context, positions)
+            self.cache.commit([
+                FrameRecord(plan.start + i, plan.index, plan.shot, plan.start + i - shot_start,
+                            x0[:, :, i : i + 1])
+                for i in range(plan.frames)
+            ])
+            _sync(self.device)
+            timings["cache_s"] = time.perf_counter() - t0
+            timings["cache_bytes"] = self.cache.cache_bytes()
+            timings["cache_frames"] = self.cache.held_frames()
+            yield BlockOutput(plan, x0, timings)

@@ -1,0 +1,137 @@
+"""Decoding and writing: block latents -> pixel frames (synchronously or in a worker thread) -> mp4.
+
+:class:`BlockDecoder` owns a :class:`~longlive.models.vae.StreamingDecoder` on ``vae_device``. With
+``async_decode`` a worker thread decodes block k while the caller denoises block k+1; blocks are decoded
+strictly in order (the decoder's causal cache needs that), so the frames are the same as a synchronous
+decode. On CUDA the worker runs on its own stream and waits for an event recorded when each block was
+submitted, so the DiT's stream is never blocked by the VAE.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from longlive.data.video_io import tensor_to_frames
+from longlive.models.vae import WanVAE
+
+
+class Mp4Stream:
+    """An H.264 mp4 written frame by frame; it appears at ``path`` only when closed without error."""
+
+    def __init__(self, path: str | os.PathLike, fps: int, quality: int = 8) -> None:
+        import imageio.v2 as iio
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{uuid.uuid4().hex[:8]}{self.path.suffix}")
+        self.frames = 0
+        self._writer = iio.get_writer(
+            self.tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
+            pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error",
+        )
+
+    def append(self, frames: np.ndarray) -> None:
+        """uint8 (T, H, W, 3) frames."""
+        for frame in frames:
+            self._writer.append_data(frame)
+        self.frames += len(frames)
+
+    def close(self, ok: bool = True) -> None:
+        try:
+            self._writer.close()
+            if ok:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class BlockDecoder:
+    """Decode blocks of normalised latents in order and hand uint8 (T, H, W, 3) frames to ``on_frames``.
+
+    ``submit(index, latents)`` queues (1, C, n, h, w) latents; ``close()`` waits for the rest and
+    returns ``timings``: one ``{"block", "decode_s", "done_at"}`` per block (``done_at`` from
+    ``time.perf_counter()``). A failure in the worker is raised by the next ``submit`` or ``close``.
+    """
+
+    def __init__(
+        self,
+        vae: WanVAE,
+        on_frames: Callable[[int, np.ndarray], None],
+        *,
+        device: torch.device | str | None = None,
+        async_decode: bool = True,
+        max_pending: int = 4,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else next(vae.parameters()).device
+        self.decoder = vae.streaming_decoder()
+        self.on_frames, self.async_decode = on_frames, async_decode
+        self.timings: list[dict] = []
+        self._error: BaseException | None = None
+        self._stream = torch.cuda.Stream(self.device) if async_decode and self.device.type == "cuda" else None
+        if async_decode:
+            self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+            self._thread = threading.Thread(target=self._work, name="vae-decode", daemon=True)
+            self._thread.start()
+
+    def _decode(self, index: int, latents: Tensor) -> None:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            video = self.decoder.decode(latents.to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        frames = tensor_to_frames(video[0])
+        self.timings.append({"block": index, "decode_s": time.perf_counter() - t0, "done_at": time.perf_counter()})
+        self.on_frames(index, frames)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            index, latents, event = item
+            if self._error is not None:
+                continue  # drain: the error is raised in the caller
+            try:
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        if event is not None:
+                            self._stream.wait_event(event)
+                        self._decode(index, latents)
+                else:
+                    self._decode(index, latents)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("VAE decoding failed") from self._error
+
+    def submit(self, index: int, latents: Tensor) -> None:
+        self._raise()
+        if not self.async_decode:
+            self._decode(index, latents)
+            return
+        event = None
+        if latents.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(latents.device))
+            if self._stream is not None and latents.device == self.device:
+                latents.record_stream(self._stream)  # keep its memory alive for the worker's stream
+        self._queue.put((index, latents, event))
+
+    def close(self) -> list[dict]:
+        if self.async_decode and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+        return self.timings
