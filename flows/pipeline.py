@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-STAGES = ["synth", "base", "encode", "validate"]
+STAGES = ["synth", "base", "encode", "validate", "train_ar"]
 
 
 def _flatten(d: dict, prefix: str = "") -> list[dict]:
@@ -50,12 +50,16 @@ def run_stage(stage: str, repo_dir: str, preset: str | None = None) -> dict:
             tail = (tail + [line])[-30:]
     if proc.wait():
         raise RuntimeError(f"`dvc repro {stage}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    metrics_path = Path(repo_dir) / "reports" / stage / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    # reports/STAGE/metrics.json, or reports/STAGE/ITEM/metrics.json for a `foreach` stage
+    metrics = {}
+    for path in sorted((Path(repo_dir) / "reports" / stage).glob("**/metrics.json")):
+        item = path.parent.relative_to(Path(repo_dir) / "reports" / stage).as_posix()
+        metrics[item if item != "." else stage] = json.loads(path.read_text())
     if metrics:
         create_table_artifact(
-            key=f"{stage}-metrics", table=_flatten(metrics),
-            description=f"Metrics of stage `{stage}` ({metrics_path.relative_to(repo_dir)})",
+            key=f"{stage.replace('_', '-')}-metrics",
+            table=[{"item": item, **row} for item, m in metrics.items() for row in _flatten(m)],
+            description=f"Metrics of stage `{stage}` (reports/{stage}/)",
         )
     return metrics
 

@@ -157,6 +157,92 @@ class ValidateConfig(_Strict):
     latent_std_max: float = Field(gt=0)
 
 
+class EMAConfig(_Strict):
+    """Exponential moving average of the weights; the EMA weights are what a trainer exports."""
+
+    decay: float = Field(default=0.99, gt=0, lt=1)
+    start_step: int = Field(default=0, ge=0, description="before this step the EMA just copies the weights")
+
+
+class ARVariantConfig(_Strict):
+    """One ``train_ar`` variant (an item of the DVC ``foreach``)."""
+
+    i2v: bool = Field(default=False, description="latent frame 0 is the clean image latent: t=0, no loss")
+    independent_first_frame: bool = Field(default=False, description="latent frame 0 is a block of its own")
+
+
+class ARConfig(_Strict):
+    """``train_ar``: block-causal teacher forcing, the student initialised from the base teacher."""
+
+    train: TrainConfig
+    block_frames: int = Field(gt=0, description="latent frames per causal block")
+    timestep_shift: float = Field(gt=0)
+    denoising_steps: list[int] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
+    timestep_sampling: Literal["steps", "uniform"] = Field(
+        default="steps", description="steps: each block draws one of denoising_steps; uniform: shifted U(0, 1)"
+    )
+    caption_dropout: float = Field(default=0.1, ge=0, le=1)
+    ema: EMAConfig = EMAConfig()
+    grad_clip: float = Field(default=1.0, gt=0)
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches of train.batch_size per optimizer step")
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
+    ckpt_every: int = Field(default=50, gt=0)
+    shards_in_memory: int | None = Field(
+        default=None, ge=1, description="None: load every shard once; k: stream, holding k shards (a batch per shard)"
+    )
+    variants: dict[str, ARVariantConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ARConfig":
+        if any(not 0 < t <= 1000 for t in self.denoising_steps):
+            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, 1000]")
+        if any(a <= b for a, b in zip(self.denoising_steps, self.denoising_steps[1:])):
+            raise ValueError(f"denoising_steps {self.denoising_steps} must be strictly decreasing")
+        for name in self.variants:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r} must be letters, digits, '-' or '_' (it names folders)")
+        return self
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking (wandb). ``WANDB_MODE`` in the environment overrides ``wandb_mode``."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "longlive"
+
+
+class InferenceConfig(_Strict):
+    """Streaming generation (``longlive generate``): the chunk loop, KV cache, sinks and decoding.
+
+    ``denoising_steps`` are timesteps in (0, 1000] before the shift: step t runs at sigma
+    ``shift_sigma(t / 1000, timestep_shift)`` (Self-Forcing's warped step list).
+    """
+
+    block_frames: int = Field(gt=0, description="latent frames generated per chunk")
+    denoising_steps: list[int] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
+    timestep_shift: float = Field(gt=0)
+    sampler: Literal["renoise", "euler"] = Field(
+        default="renoise", description="renoise: x0 then fresh noise at the next sigma (few-step students); euler: ODE step"
+    )
+    independent_first_frame: bool = Field(default=True, description="I2V: the image latent is a block of its own")
+    sink_frames: int = Field(ge=0, description="first latent frames (of the video, or of the shot) always kept")
+    window_frames: int = Field(ge=0, description="most recent latent frames kept besides the sink")
+    multishot_sink: bool = Field(default=True, description="re-anchor the sink to each new shot's first frames")
+    multishot_rope_offset: int = Field(default=0, ge=0, description="extra RoPE frames between shots")
+    recache_on_switch: bool = Field(default=True, description="recompute the cached K/V under a new prompt")
+    guidance_scale: float = Field(default=1.0, ge=0, description="classifier-free guidance; 1 = off")
+    vae_device: str = Field(default="auto", description="device of the VAE decoder; auto = the DiT's")
+    async_decode: bool = Field(default=True, description="decode block k in a thread while block k+1 denoises")
+
+    @model_validator(mode="after")
+    def _check(self) -> "InferenceConfig":
+        if any(not 0 < t <= 1000 for t in self.denoising_steps):
+            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, 1000]")
+        if any(a <= b for a, b in zip(self.denoising_steps, self.denoising_steps[1:])):
+            raise ValueError(f"denoising_steps {self.denoising_steps} must be strictly decreasing")
+        return self
+
+
 class Preset(_Strict):
     name: str
     seed: int = 0
@@ -169,6 +255,9 @@ class Preset(_Strict):
     base: BaseConfig
     encode: EncodeConfig
     validate_: ValidateConfig = Field(alias="validate")
+    ar: ARConfig
+    tracking: TrackingConfig = TrackingConfig()
+    inference: InferenceConfig
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -196,6 +285,14 @@ class Preset(_Strict):
             raise ValueError(f"latent frames {self.latent_shape[1]} must be a multiple of dit.patch_size[0] {pt}")
         if self.synth.max_radius * 2 >= min(self.video.height, self.video.width):
             raise ValueError("synth.max_radius is too large for the frame; lower it or enlarge video")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ar(self) -> "Preset":
+        if self.dit.patch_size[0] != 1:
+            raise ValueError(f"ar: causal blocks need dit.patch_size[0] = 1, got {self.dit.patch_size[0]}")
+        if self.ar.block_frames > self.latent_shape[1]:
+            raise ValueError(f"ar.block_frames {self.ar.block_frames} exceeds the {self.latent_shape[1]} latent frames of a clip")
         return self
 
 

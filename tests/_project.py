@@ -23,6 +23,8 @@ def fast_tiny(preset: dict) -> dict:
     p["base"]["vae"].update(steps=3, batch_size=2, log_every=1)
     p["base"]["dit"].update(steps=3, batch_size=4, log_every=1)
     p["encode"]["samples_per_shard"] = 4
+    p["ar"]["train"].update(steps=4, batch_size=2, log_every=1)
+    p["ar"].update(ckpt_every=2)
     return p
 
 

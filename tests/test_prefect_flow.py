@@ -32,6 +32,7 @@ def prefect_env(tmp_path_factory):
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        "COLUMNS": "250",  # the CLI's tables truncate cells (e.g. COMPLETED) on a narrow terminal
     }
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
@@ -64,7 +65,7 @@ def test_flow_run_and_artifacts_are_listed(prefect_env, tmp_path):
     assert "longlive-pipeline" in runs.replace("\n", "") or "COMPLETED" in runs, runs
     assert "COMPLETED" in runs, runs
     arts = run(["prefect", "artifact", "ls"], project, env=prefect_env).stdout
-    for stage in ("synth", "base", "encode", "validate"):
+    for stage in ("synth", "base", "encode", "validate", "train-ar"):
         assert f"{stage}-metrics" in arts, arts
     # DVC did the work: the outputs are in the project and a rerun of the flow changes nothing
     assert (project / "reports/validate/metrics.json").exists()

@@ -1,11 +1,15 @@
-"""The shared training loop: exact resume after a kill, stale checkpoints are not resumed, NaN stops."""
+"""The shared training loop: exact resume after a kill (with EMA and grad accumulation too), stale
+checkpoints are not resumed, NaN stops, EMA arithmetic, wandb offline under the run dir."""
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from longlive.config import TrainConfig
-from longlive.train.loop import TrainingError, run_training
+from longlive.config import TrackingConfig, TrainConfig
+from longlive.train.ema import EMA
+from longlive.train.loop import TrainingError, autocast_dtype, run_training, write_history
 
 CFG = TrainConfig(steps=12, batch_size=4, lr=1e-2, log_every=1)
 
@@ -56,3 +60,54 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
     model = nn.Linear(2, 1)
     with pytest.raises(TrainingError, match="loss is nan at step 0; lower lr"):
         run_training("t", model, lambda s, g: (model(torch.full((1, 2), float("nan"))).sum(), {}), CFG, tmp_path, seed=0)
+
+
+def test_killed_and_resumed_run_with_ema_and_accumulation_ends_identical(tmp_path):
+    kw = dict(seed=3, ckpt_every=4, grad_accum=2)
+    ref, loss_fn = make_task()
+    ref_ema = EMA(ref, decay=0.8, start_step=3)
+    run_training("t", ref, loss_fn, CFG, tmp_path / "ref", ema=ref_ema, **kw)
+
+    model, loss_fn = make_task(kill_at=9)
+    with pytest.raises(Killed):
+        run_training("t", model, loss_fn, CFG, tmp_path / "run", ema=EMA(model, decay=0.8, start_step=3), **kw)
+    model, loss_fn = make_task()
+    ema = EMA(model, decay=0.8, start_step=3)
+    run_training("t", model, loss_fn, CFG, tmp_path / "run", ema=ema, **kw)
+
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    for k in ref_ema.shadow:
+        assert torch.equal(ref_ema.shadow[k], ema.shadow[k]), k
+    assert any(not torch.equal(ema.shadow[k], v) for k, v in model.state_dict().items()), "EMA is not a copy"
+
+
+def test_ema_copies_before_start_then_averages():
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5, start_step=2)
+    for step, w in enumerate([1.0, 2.0, 4.0, 8.0]):
+        model.weight.data.fill_(w)
+        ema.update(step)
+        expected = {0: 1.0, 1: 2.0, 2: 3.0, 3: 5.5}[step]  # copies at 0-1, then 0.5 * avg + 0.5 * w
+        assert ema.shadow["weight"].item() == expected
+    with ema.swapped():
+        assert model.weight.item() == 5.5
+    assert model.weight.item() == 8.0
+
+
+def test_autocast_is_bf16_only_where_asked_or_on_cuda():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_wandb_offline_under_run_dir_and_history_for_dvc(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model, loss_fn = make_task()
+    hist = run_training("t", model, loss_fn, CFG, tmp_path, seed=0, tracking=TrackingConfig(), run_config={"x": 1})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["wandb_id"] in runs[0].name
+    write_history(hist, tmp_path / "loss.json")
+    rows = json.loads((tmp_path / "loss.json").read_text())
+    assert [r["step"] for r in rows] == list(range(CFG.steps)) and set(rows[0]) == {"step", "loss"}

@@ -1,8 +1,12 @@
-"""The training loop every trainer shares: AdamW, grad clipping, atomic checkpoints, exact resume.
+"""The training loop every trainer shares: AdamW, warm-up + cosine LR, grad clipping, optional EMA,
+gradient accumulation and bf16 autocast, atomic checkpoints, exact resume, wandb and a progress bar.
 
 A trainer supplies ``loss_fn(step, generator) -> (loss, metrics)``. All randomness of a step must
 come from the generator it is handed, which is seeded from ``(seed, step)``; so a run killed and
 resumed from a checkpoint replays exactly the batches and noise an uninterrupted run would have.
+With ``grad_accum = n`` the loss function is called n times per step with the *same* generator
+(each call draws the next micro-batch from it), so accumulation keeps that property. The
+checkpoint holds the model, optimizer, scheduler, EMA, loss history and the wandb run id.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from longlive.config import TrainConfig
+from longlive.config import TrackingConfig, TrainConfig
+from longlive.train.ema import EMA
+from longlive.train.tracking import NullTracker, Tracker, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,28 @@ def lr_factor(step: int, total: int, warmup_frac: float = 0.05, floor: float = 0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for ``bf16``, and for ``auto`` on a CUDA device that has it; None (fp32) otherwise."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of :func:`autocast_dtype` (a disabled one for fp32)."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -60,13 +88,24 @@ def run_training(
     grad_clip: float = 1.0,
     ckpt_every: int = 50,
     data_fingerprint: str = "",
+    ema: EMA | None = None,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    tracking: TrackingConfig | None = None,
+    run_config: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoint.pt`` if present.
 
     A checkpoint is resumed only if it was written with the same settings and data
     (``data_fingerprint``); otherwise it is set aside as ``checkpoint.pt.stale`` and training starts
-    over. Callers delete ``run_dir`` once the result is saved elsewhere, so a finished checkpoint is
-    never mistaken for the result of changed code.
+    over. Callers delete the checkpoint once the result is saved elsewhere, so a finished checkpoint
+    is never mistaken for the result of changed code.
+
+    ema: updated after every optimizer step and saved/restored with the checkpoint; the caller
+    exports ``ema.shadow``. grad_accum: micro-batches (loss_fn calls) per optimizer step.
+    precision: ``fp32``, ``bf16`` or ``auto`` (bf16 autocast of loss_fn on CUDA, fp32 elsewhere);
+    the weights and optimizer state stay fp32. tracking: wandb settings (None: no wandb); its files
+    go under ``run_dir/wandb``, ``run_config`` is recorded as the run's config.
     Returns the full loss history (one dict per logged step), also kept in the checkpoint.
     """
     run_dir = Path(run_dir)
@@ -75,52 +114,88 @@ def run_training(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"{name}: the model has no trainable parameters")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    device = params[0].device
+    amp_dtype = autocast_dtype(precision, device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     fingerprint = {"name": name, "seed": seed, "data": data_fingerprint, **cfg.model_dump()}
+    # Only settings that differ from the plain loop enter the fingerprint, so older checkpoints still resume.
+    if ema is not None:
+        fingerprint["ema"] = [ema.decay, ema.start_step]
+    if grad_accum != 1:
+        fingerprint["grad_accum"] = grad_accum
+    if grad_clip != 1.0:
+        fingerprint["grad_clip"] = grad_clip
+    if amp_dtype is not None:
+        fingerprint["autocast"] = str(amp_dtype)
 
-    start, history = 0, []
+    start, history, run_id = 0, [], None
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            start, history = state["step"], state["history"]
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            start, history, run_id = state["step"], state["history"], state.get("wandb_id")
             log.info("%s: resuming from step %d (%s)", name, start, ckpt_path)
         else:
             os.replace(ckpt_path, ckpt_path.with_name("checkpoint.pt.stale"))
             log.warning("%s: %s was written with other settings or data; starting over", name, ckpt_path)
 
+    tracker: Tracker = NullTracker()
+    if tracking is not None:
+        tracker = start_tracking(name, run_dir, {**(run_config or {}), "train": fingerprint}, tracking, run_id=run_id)
+
     def save(step: int) -> None:
         atomic_torch_save(
             {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+             "ema": ema.state_dict() if ema is not None else None, "wandb_id": tracker.run_id},
             ckpt_path,
         )
 
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, dynamic_ncols=True)
-    for step in bar:
-        loss, metrics = loss_fn(step, step_generator(seed, step))
-        if not torch.isfinite(loss):
-            save(step)  # keep the last good state for inspection
-            raise TrainingError(
-                f"{name}: loss is {loss.item()} at step {step}; lower lr (now {cfg.lr}) or check the data. "
-                f"The last good state is in {ckpt_path}"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), **metrics}
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if (step + 1) % ckpt_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
-    save(cfg.steps)
+    try:
+        for step in bar:
+            g = step_generator(seed, step)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, metric_sums = 0.0, {}
+            for _ in range(grad_accum):
+                with autocast(precision, device):
+                    loss, metrics = loss_fn(step, g)
+                if not torch.isfinite(loss):
+                    save(step)  # keep the last good state for inspection
+                    raise TrainingError(
+                        f"{name}: loss is {loss.item()} at step {step}; lower lr (now {cfg.lr}) or check the data. "
+                        f"The last good state is in {ckpt_path}"
+                    )
+                (loss / grad_accum).backward()
+                loss_sum += loss.item()
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(step)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                rec = {"step": step, "loss": loss_sum / grad_accum, "grad_norm": float(grad_norm), "lr": lr,
+                       **{k: v / grad_accum for k, v in metric_sums.items()}}
+                history.append(rec)
+                tracker.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+            if (step + 1) % ckpt_every == 0 and step + 1 < cfg.steps:
+                save(step + 1)
+        save(cfg.steps)
+    finally:
+        bar.close()
+        tracker.finish({"final_loss": history[-1]["loss"]} if history else None)
     model.eval()
     return history
 
