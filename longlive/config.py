@@ -157,6 +157,13 @@ class ValidateConfig(_Strict):
     latent_std_max: float = Field(gt=0)
 
 
+def _check_denoising_steps(steps: list[int]) -> None:
+    if any(not 0 < t <= 1000 for t in steps):
+        raise ValueError(f"denoising_steps {steps} must lie in (0, 1000]")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising_steps {steps} must be strictly decreasing")
+
+
 class EMAConfig(_Strict):
     """Exponential moving average of the weights; the EMA weights are what a trainer exports."""
 
@@ -194,10 +201,7 @@ class ARConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ARConfig":
-        if any(not 0 < t <= 1000 for t in self.denoising_steps):
-            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, 1000]")
-        if any(a <= b for a, b in zip(self.denoising_steps, self.denoising_steps[1:])):
-            raise ValueError(f"denoising_steps {self.denoising_steps} must be strictly decreasing")
+        _check_denoising_steps(self.denoising_steps)
         for name in self.variants:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"variant name {name!r} must be letters, digits, '-' or '_' (it names folders)")
@@ -236,10 +240,7 @@ class InferenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceConfig":
-        if any(not 0 < t <= 1000 for t in self.denoising_steps):
-            raise ValueError(f"denoising_steps {self.denoising_steps} must lie in (0, 1000]")
-        if any(a <= b for a, b in zip(self.denoising_steps, self.denoising_steps[1:])):
-            raise ValueError(f"denoising_steps {self.denoising_steps} must be strictly decreasing")
+        _check_denoising_steps(self.denoising_steps)
         return self
 
 

@@ -50,7 +50,10 @@ def load_models(
 ) -> Models:
     base = Path(base)
     device = torch.device(device)
-    dit = load_dit(checkpoint or base / "dit", dtype=dtype, expect=preset.dit).to(device).eval()
+    checkpoint = Path(checkpoint or base / "dit")
+    if (checkpoint / "dit").is_dir():  # a train_ar export: dit/ beside ar_config.json
+        checkpoint = checkpoint / "dit"
+    dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit).to(device).eval()
     vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
     vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
     text = load_text_encoder(preset.text, base / "text")

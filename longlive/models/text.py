@@ -11,17 +11,15 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from longlive.io import atomic_dir
 from longlive.config import ConfigError, TextConfig
 
 
@@ -35,24 +33,6 @@ class TextEncoder(Protocol):
 
 def _zero_padding(emb: Tensor, mask: Tensor) -> Tensor:
     return emb.float() * mask.unsqueeze(-1)
-
-
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``path`` that replaces it on success (same as ``vae.atomic_dir``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():  # a directory cannot be renamed over a non-empty one
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- tiny
@@ -142,7 +122,7 @@ class TinyTextEncoder(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         meta = {"kind": "tiny", "config": self.cfg.model_dump(), "seed": self.seed,
                 "words": self.tokenizer.words, "num_buckets": self.tokenizer.num_buckets}
-        with _atomic_dir(Path(path)) as tmp:
+        with atomic_dir(Path(path)) as tmp:
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -25,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from longlive.config import ConfigError, VAEConfig
+from longlive.io import atomic_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -87,26 +84,6 @@ def check_vae_config(got: VAEConfig, expect: VAEConfig, where: str) -> None:
     ]
     if diffs:
         raise ConfigError("VAE config mismatch:\n  " + "\n  ".join(diffs))
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp dir beside ``path``; on success it replaces ``path``, so readers never see half a save."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            # A directory cannot be renamed over a non-empty one; swap it out first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +20,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longlive.io import atomic_dir
 from longlive.config import DiTConfig
 from longlive.models.dit import WanDiT
 
@@ -219,25 +217,10 @@ def save_dit(model: WanDiT, path: str | os.PathLike) -> Path:
     name, then renamed; an existing ``path`` is replaced.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
-    try:
+    with atomic_dir(path) as tmp:
         sd = {k: v.detach().contiguous().cpu() for k, v in to_diffusers_state_dict(model.state_dict()).items()}
         save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(diffusers_config(model), indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous checkpoint back
-        raise
     return path
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -159,7 +160,9 @@ def run_training(
         )
 
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, dynamic_ncols=True)
+    # In a log (dvc repro, Prefect, CI) every redraw is a new line: update a few times a minute there.
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)
     try:
         for step in bar:
             g = step_generator(seed, step)
