@@ -33,6 +33,8 @@ def prefect_env(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "COLUMNS": "250",  # the CLI's tables truncate cells (e.g. COMPLETED) on a narrow terminal
+        # the `prefect` CLI of this interpreter's environment, activated or not
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
