@@ -16,6 +16,16 @@ from longlive.config import Preset, load_preset
 S3_ENV_VARS = ("LONGLIVE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests use tiny tensors: on 2 shared cores, OpenMP threads only wait on each other
+    (the same tests ran 10-30x slower with two threads at load 3). Subprocesses are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,15 +16,6 @@ from longlive.models.rope import rope_dims, rope_freqs
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on shared cores: OpenMP threads only wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> WanDiT:
     m = WanDiT(load_preset("tiny").dit, in_channels=16, text_dim=64)

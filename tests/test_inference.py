@@ -19,15 +19,6 @@ from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import save_dit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on shared cores: OpenMP threads only wait on each other (10x slower at load 3)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def preset():
     return load_preset("tiny")

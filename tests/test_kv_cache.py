@@ -18,15 +18,6 @@ ATOL = 1e-5
 C, H, W = 4, 4, 4  # latent channels and size: 4 tokens per frame after the 2x2 patch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on shared cores: OpenMP threads only wait on each other (10x slower at load 3)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def micro_dit(seed: int = 0) -> WanDiT:
     cfg = DiTConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, freq_dim=32, patch_size=(1, 2, 2))
     m = WanDiT(cfg, in_channels=C, text_dim=16)
