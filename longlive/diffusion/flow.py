@@ -44,6 +44,14 @@ def sampling_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)
 
 
+def step_list_sigmas(denoising_steps: list[int], shift: float) -> torch.Tensor:
+    """Sigmas of a few-step list such as ``[1000, 750, 500, 250]``: ``t / 1000`` through the shift
+    (Self-Forcing's warped steps). Training (``train_ar``) draws block noise levels from exactly
+    these and inference denoises through them, so both live here, once."""
+    t = torch.tensor(denoising_steps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    return shift_sigma(t, shift).float()
+
+
 @torch.no_grad()
 def euler_sample(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from longlive.config import InferenceConfig
-from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
 from longlive.inference.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.inference.schedule import BlockPlan
 from longlive.models.dit import WanDiT
@@ -35,8 +35,7 @@ from longlive.models.dit import WanDiT
 
 def step_sigmas(denoising_steps: list[int], shift: float) -> Tensor:
     """Sigmas of the step list (shifted as in Wan) followed by 0: ``len(denoising_steps) + 1`` values."""
-    t = torch.tensor([*denoising_steps, 0], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
-    return shift_sigma(t, shift).float()
+    return torch.cat([step_list_sigmas(denoising_steps, shift), torch.zeros(1)])
 
 
 def _sync(device: torch.device) -> None:

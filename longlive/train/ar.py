@@ -94,9 +94,7 @@ def attention_mask(
     return full[tokens][:, tokens]
 
 
-def step_sigmas(denoising_steps: list[int], shift: float) -> Tensor:
-    """Sigmas of the inference step list: ``t / 1000`` through the timestep shift."""
-    return flow.shift_sigma(torch.tensor(denoising_steps, dtype=torch.float64) / flow.NUM_TRAIN_TIMESTEPS, shift).float()
+step_sigmas = flow.step_list_sigmas  # the inference step list's sigmas (one definition, in flow)
 
 
 def sample_block_sigmas(cfg: ARConfig, batch: int, num_blocks: int, g: torch.Generator) -> Tensor:
