@@ -4,8 +4,8 @@ Runs :func:`longlive.eval.quality.evaluate` on ``models/ar/t2v`` and ``models/ar
 points the base teacher used block by block with the students' layout and steps, the teacher sampling the
 whole clip as one block (bidirectional, as it was trained) with the same 4 steps and with 20 Euler steps,
 and the model-free references (held-out clips, their VAE reconstructions, the I2V image held still).
-Diagnostics: the students' drift with the sink at the same number of held frames as without it
-(sink 1 + window 3 against sink 0 + window 4), and T2V with 8 steps or classifier-free guidance 3.
+Diagnostics: the students' drift without the sink at the same number of held frames as with it
+(sink 0 + window 4 against sink 1 + window 3), and T2V with 8 steps or classifier-free guidance 3.
 Writes ``benchmarks/results/ar_quality_tiny.json`` and ``.md`` (every figure beside ``CHANCE_SCORE``), and
 a few sample mp4s of the students in ``benchmarks/results/ar_quality_tiny_samples/``.
 
@@ -57,7 +57,7 @@ def runs() -> list[dict]:
     t2v, i2v, teacher = ROOT / "models/ar/t2v", ROOT / "models/ar/i2v", ROOT / "models/base/dit"
     clip_latents = 1 + (load_preset("tiny").video.num_frames - 1) // 4
     whole = [f"block_frames={clip_latents}"]
-    sink_on = tuple(s for s in DRIFT_SETTINGS if s[2])
+    sink_off = tuple(s for s in DRIFT_SETTINGS if not s[2])
     return [
         run("student t2v", t2v, [], ["t2v", "multishot", "drift"], samples=1),
         run("student i2v", i2v, [], ["i2v", "multishot", "drift"], image=True, samples=1),
@@ -67,9 +67,9 @@ def runs() -> list[dict]:
         run("teacher whole clip, 4 steps", teacher, layout_of(t2v) + whole, ["t2v"]),
         run("teacher whole clip, euler 20 steps", teacher,
             layout_of(t2v) + whole + ["sampler=euler", f"denoising_steps={json.dumps(EULER_20)}"], ["t2v"]),
-        # diagnostics: the sink at the same number of held frames as sink off (1 + 3 = 0 + 4), and sampling knobs
-        run("student t2v, sink 1 + window 3", t2v, ["window_frames=3"], ["drift"], drift=sink_on),
-        run("student i2v, sink 1 + window 3", i2v, ["window_frames=3"], ["drift"], image=True, drift=sink_on),
+        # diagnostics: sink off at the same number of held frames as sink 1 + window 3 (0 + 4), and sampling knobs
+        run("student t2v, window 4", t2v, ["window_frames=4"], ["drift"], drift=sink_off),
+        run("student i2v, window 4", i2v, ["window_frames=4"], ["drift"], image=True, drift=sink_off),
         run("student t2v, 8 steps", t2v, [f"denoising_steps={json.dumps(RENOISE_8)}"], ["t2v"]),
         run("student t2v, cfg 3", t2v, ["guidance_scale=3"], ["t2v"]),
     ]
@@ -110,7 +110,7 @@ def markdown(result: dict) -> str:
         f"{result['settings']['num_prompts']} T2V/I2V, {result['settings']['num_multishot']} multi-shot, "
         f"{result['settings']['num_drift']} drift videos per setting of {result['settings']['length_factor']} training clips",
         f"* chance: score **{c:.3f}** (CHANCE_SCORE), colour+shape match {result['match_chance']:.3f} (MATCH_CHANCE)", "",
-        "## Single clip (17 frames)", "",
+        f"## Single clip ({result['settings'].get('clip_frames', '?')} frames)", "",
         "score = mean(colour acc, shape acc, motion ok) per video; match = frames with colour and shape both right; "
         "object = frames with a detected object; I2V's frame 0 is the image, so 'after frame 0' scores only generated "
         "frames. References: the held-out clips, their VAE reconstructions, the I2V image held still.", "",
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit(), "machine": machine(),
         "command": " ".join(["python", "benchmarks/ar_quality.py", *(argv if argv is not None else sys.argv[1:])]),
         "chance_score": CHANCE_SCORE, "match_chance": MATCH_CHANCE,
-        "settings": {"num_prompts": args.num_prompts, "num_multishot": args.num_multishot, "num_drift": args.num_drift,
+        "settings": {"clip_frames": preset.video.num_frames, "num_prompts": args.num_prompts, "num_multishot": args.num_multishot, "num_drift": args.num_drift,
                      "length_factor": args.length_factor, "drift_settings": [s[0] for s in DRIFT_SETTINGS]},
         "runs": {},
     }

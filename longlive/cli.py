@@ -1,5 +1,6 @@
 """The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body,
-``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set."""
+``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set,
+``publish`` uploads a versioned release and ``pull`` downloads and verifies one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from longlive.config import PRESET_ENV, ConfigError, load_preset
 
-STAGES = ("synth", "base", "encode", "validate")
+STAGES = ("synth", "base", "encode", "validate", "publish")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -48,7 +49,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seconds", type=float, required=True, help="video length (rounded up to whole blocks)")
     p.add_argument("--out", required=True, help="output mp4; timings go to the same path with .json")
     p.add_argument("--checkpoint", help="DiT directory (default: <base>/dit); a train_ar export's ar_config.json "
-                   "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift")
+                   "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift; "
+                   "or a pulled release's checkpoints/NAME (base models and preset then come from the release)")
     p.add_argument("--base", default="models/base", help="base models directory (vae/, text/)")
     p.add_argument("--preset")
     p.add_argument("--params", help="path to params.yaml")
@@ -88,6 +90,50 @@ def _add_eval_quality(sub) -> None:
     p.set_defaults(func=_eval_quality)
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from longlive.publish.cli import cli_publish
+
+    return cli_publish(args)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from longlive.publish.cli import cli_pull
+
+    return cli_pull(args)
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="build a release (weights, config, metrics, model card, manifest) and upload it "
+                       "atomically to a local folder or s3://")
+    p.add_argument("--url", help="where releases live (default: publish.url of the preset), e.g. s3://bucket/releases")
+    p.add_argument("--version", help="release version (default: publish.version's template, e.g. {preset}-v{n})")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="a train_ar export or DiT directory (repeatable; replaces publish.checkpoints)")
+    p.add_argument("--nvfp4", action="append", default=[], metavar="NAME=PATH", help="an NVFP4 checkpoint, copied as is")
+    p.add_argument("--nvfp4-backend", help="quantization backend to record for --nvfp4 (emulated, triton, native, ...)")
+    p.add_argument("--dtype", choices=("bf16", "keep"), help="DiT weights: cast to bf16 (default) or keep as stored")
+    p.add_argument("--metrics", action="append", default=[], metavar="NAME=PATH", help="a metrics JSON (repeatable)")
+    p.add_argument("--base", help="base models directory (default: publish.base)")
+    p.add_argument("--folder", help="upload this already built release folder (e.g. a pulled one) instead of building")
+    p.add_argument("--force", action="store_true", help="replace an existing release of the same version")
+    p.add_argument("--no-latest", action="store_true", help="leave latest.json as it is")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: LONGLIVE_S3_ENDPOINT / AWS_ENDPOINT_URL)")
+    p.add_argument("--work-dir", default=".work/publish", help="where the folder is built before upload")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--preset")
+    p.add_argument("--params", help="path to params.yaml")
+    p.set_defaults(func=_publish)
+
+    p = sub.add_parser("pull", help="download a release and verify every file's SHA-256")
+    p.add_argument("url", help="a release (<store>/<version>) or a store of releases (its latest.json is followed)")
+    p.add_argument("--dest", help="destination folder (default: ./<version>)")
+    p.add_argument("--version", help="with a store URL: this version instead of the latest")
+    p.add_argument("--force", action="store_true", help="replace an existing --dest")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: LONGLIVE_S3_ENDPOINT / AWS_ENDPOINT_URL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_pull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longlive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_stage)
     _add_generate(sub)
     _add_eval_quality(sub)
+    _add_publish(sub)  # `publish` and `pull`
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -8,8 +8,9 @@ message names the full key (``presets.tiny.dit.num_heads``) and what is expected
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -178,6 +179,19 @@ class ARVariantConfig(_Strict):
     independent_first_frame: bool = Field(default=False, description="latent frame 0 is a block of its own")
 
 
+class LoRAConfig(_Strict):
+    """LoRA adapters (``longlive.models.lora``) on the DiT's projections; trained alone, base frozen."""
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0, description="the update is scaled by alpha / rank")
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out",
+                                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out",
+                                 "ffn.linear_1", "ffn.linear_2"],
+        min_length=1, description="suffixes of nn.Linear module names",
+    )
+
+
 class ARConfig(_Strict):
     """``train_ar``: block-causal teacher forcing, the student initialised from the base teacher."""
 
@@ -189,6 +203,16 @@ class ARConfig(_Strict):
         default="steps", description="steps: each block draws one of denoising_steps; uniform: shifted U(0, 1)"
     )
     caption_dropout: float = Field(default=0.1, ge=0, le=1)
+    sink_frames: int = Field(
+        default=0, ge=0, description="with window_frames: the first latent frames of the (anchor) shot every block sees"
+    )
+    window_frames: int | None = Field(
+        default=None, ge=0,
+        description="None: a block sees all earlier blocks; k: only the sink and the k latest earlier frames "
+        "(the inference cache's view, so long clips teach the student to stream)",
+    )
+    multishot_sink: bool = Field(default=True, description="the sink is the current shot's first frames, as at inference")
+    lora: LoRAConfig | None = Field(default=None, description="train LoRA adapters instead of all weights")
     ema: EMAConfig = EMAConfig()
     grad_clip: float = Field(default=1.0, gt=0)
     grad_accum: int = Field(default=1, ge=1, description="micro-batches of train.batch_size per optimizer step")
@@ -208,11 +232,84 @@ class ARConfig(_Strict):
         return self
 
 
+class DMDConfig(_Strict):
+    """``train_dmd``: distribution matching distillation of the AR student into few-step students.
+
+    The generator (initialised from the AR export of the same variant) rolls out clips block by block
+    with its own KV cache (self-forcing); the frozen base teacher is the real score (with CFG), a
+    critic initialised from it is the fake score, trained on the generator's samples.
+    """
+
+    train: TrainConfig
+    critic_lr: float | None = Field(default=None, gt=0, description="None: train.lr")
+    critic_updates: int = Field(default=5, ge=1, description="critic updates per generator update")
+    guidance_scale: float = Field(default=3.0, ge=1, description="classifier-free guidance of the real score")
+    timestep_shift: float = Field(gt=0)
+    min_timestep: float = Field(default=20, ge=0, lt=1000, description="DMD noise levels t ~ U(min, max), then shifted")
+    max_timestep: float = Field(default=980, gt=0, le=1000)
+    students: dict[str, list[int]] = Field(
+        min_length=1, description="student name -> denoising step list, e.g. {4step: [1000, 750, 500, 250]}")
+    variants: list[str] = Field(min_length=1, description="ar.variants to distil (t2v, i2v)")
+    lora: LoRAConfig | None = Field(default=None, description="train LoRA adapters; the export keeps them apart")
+    ema: EMAConfig = EMAConfig()
+    grad_clip: float = Field(default=1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    frozen_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
+    activation_checkpointing: bool = Field(default=False, description="recompute the critic's block activations in backward")
+    ckpt_every: int = Field(default=50, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DMDConfig":
+        for name, steps in self.students.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"student name {name!r} must be letters, digits, '-' or '_' (it names folders)")
+            _check_denoising_steps(steps)
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}")
+        return self
+
+
 class TrackingConfig(_Strict):
     """Experiment tracking (wandb). ``WANDB_MODE`` in the environment overrides ``wandb_mode``."""
 
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "longlive"
+
+
+class ParallelConfig(_Strict):
+    """Processes of a stage and how they split the work (``longlive.parallel``; see docs/design.md).
+
+    ``nproc * nnodes`` processes (torchrun, one per GPU); ``sp`` of them share each sample and split its
+    tokens (sequence parallel), the rest are data parallel (``dp_shard = world / sp``). In training,
+    weights, gradients and optimizer state are sharded over all of them (FSDP2).
+    """
+
+    nproc: int = Field(default=1, ge=1, description="processes per node (torchrun --nproc_per_node); 1 runs plainly")
+    nnodes: int = Field(default=1, ge=1, description="nodes; > 1 needs LONGLIVE_RDZV_ENDPOINT for torchrun")
+    sp: int = Field(default=1, ge=1, description="sequence-parallel degree; divides nproc * nnodes")
+    sp_attention: Literal["ulysses", "allgather"] = Field(
+        default="ulysses", description="ulysses: all-to-all to a head split (heads divide by sp); "
+        "allgather: each rank attends its own queries to all-gathered K/V (any head count)",
+    )
+    sp_partition: Literal["spatial", "zigzag", "contiguous"] = Field(
+        default="spatial", description="which tokens a rank holds: 1/sp of every frame, or whole frames "
+        "(zigzag: LongLive 2.0's balanced clean+noisy block pairs; contiguous: the plain split)",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @property
+    def dp_shard(self) -> int:
+        return self.world_size // self.sp
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.world_size % self.sp:
+            raise ValueError(f"sp {self.sp} must divide nproc * nnodes = {self.world_size}")
+        return self
 
 
 class InferenceConfig(_Strict):
@@ -233,6 +330,12 @@ class InferenceConfig(_Strict):
     window_frames: int = Field(ge=0, description="most recent latent frames kept besides the sink")
     multishot_sink: bool = Field(default=True, description="re-anchor the sink to each new shot's first frames")
     multishot_rope_offset: int = Field(default=0, ge=0, description="extra RoPE frames between shots")
+    max_block_position: int | None = Field(
+        default=None, ge=0,
+        description="RoPE position a block never starts beyond: once the video outgrows the training clip, "
+        "the sink keeps its positions and the window + block sit where the last block of a training clip "
+        "sat (from the student's ar_config.json); None: closed-up positions",
+    )
     recache_on_switch: bool = Field(default=True, description="recompute the cached K/V under a new prompt")
     guidance_scale: float = Field(default=1.0, ge=0, description="classifier-free guidance; 1 = off")
     vae_device: str = Field(default="auto", description="device of the VAE decoder; auto = the DiT's")
@@ -241,6 +344,163 @@ class InferenceConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "InferenceConfig":
         _check_denoising_steps(self.denoising_steps)
+        return self
+
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class PublishCheckpoint(_Strict):
+    """One checkpoint of a release: a train_ar export (``dit/`` + ``ar_config.json``), a DiT directory,
+    or an NVFP4 checkpoint (copied as is; its format and backend are recorded in the release)."""
+
+    path: str = Field(min_length=1)
+    dtype: Literal["bf16", "keep"] = Field(default="bf16", description="bf16: DiT weights cast to bf16 (norms and "
+                                           "time embedding stay fp32, as in diffusers); keep: copied as stored")
+    quantization: dict[str, str | int | float | bool] | None = Field(
+        default=None, description="e.g. {format: nvfp4, backend: triton}; merged over what the checkpoint records")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+
+class PublishConfig(_Strict):
+    """The ``publish`` stage: build a release folder and upload it to ``url`` (local path, file:// or s3://).
+
+    ``version`` may use ``{preset}``, ``{n}`` (1 + the highest published n for this template), ``{date}``
+    (UTC YYYYMMDD) and ``{commit}`` (short git commit). Endpoint, region and credentials of ``s3://``
+    come from the environment (see README, "Releases"); ``storage_options`` are passed to fsspec.
+    """
+
+    url: str = Field(default="releases", min_length=1)
+    version: str = Field(default="{preset}-v{n}", min_length=1)
+    checkpoints: dict[str, PublishCheckpoint] = Field(
+        default_factory=lambda: {"t2v": PublishCheckpoint(path="models/ar/t2v"),
+                                 "i2v": PublishCheckpoint(path="models/ar/i2v")})
+    metrics: dict[str, str] = Field(default_factory=dict, description="name -> metrics JSON file")
+    base: str = Field(default="models/base", description="base models directory (vae/, text/)")
+    base_components: list[str] = Field(default_factory=lambda: ["vae", "text"])
+    latest: bool = Field(default=True, description="point <url>/latest.json at the new release")
+    force: bool = Field(default=False, description="replace an existing release of the same version")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: ...}")
+    wandb: bool = Field(default=False, description="also log the release as a wandb artifact (tracking.wandb_mode)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PublishConfig":
+        for kind, names in (("checkpoints", self.checkpoints), ("metrics", self.metrics)):
+            for name in names:
+                if not re.match(_NAME_RE, name):
+                    raise ValueError(f"{kind} name {name!r} must be letters, digits, '.', '-' or '_' (it names a folder)")
+        if not self.checkpoints:
+            raise ValueError("checkpoints is empty: a release needs at least one checkpoint")
+        return self
+
+
+DEFAULT_KEEP_HIGH_PRECISION = ["patch_embedding", "time_embedder", "time_proj", "text_embedder", "proj_out"]
+
+
+class QuantConfig(_Strict):
+    """NVFP4 (``longlive.quant``): QAT in training, the inference backend, which linears stay high precision,
+    and the KV cache storage.
+
+    ``keep_high_precision`` are module-name patterns (fnmatch; a pattern also covers the modules under it):
+    by default the patch, text and time embedders, ``time_proj`` (the adaLN modulation) and ``proj_out``.
+    Only ``nn.Linear`` modules are ever quantized; the adaLN tables (``scale_shift_table``) are parameters
+    and norms are not linears, so they always stay as they are.
+    """
+
+    qat: bool = Field(default=False, description="train (train_ar, DMD) with NVFP4 fake quantization of weights "
+                      "and activations (straight-through gradients)")
+    backend: Literal["auto", "emulated", "triton", "native", "transformer_engine"] = Field(
+        default="auto", description="NVFP4 linears at inference: auto = native on compute capability >= 10, "
+        "triton on other CUDA GPUs, emulated on the CPU")
+    keep_high_precision: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_HIGH_PRECISION))
+    scale_rule: Literal["six", "four_over_six"] = Field(
+        default="six", description="block scaling of weights and activations: plain NVFP4 or adaptive 4-over-6")
+    weight_block_2d: bool = Field(default=False, description="16x16 weight blocks (W and W^T quantize alike)")
+    kv_cache: Literal["dense", "nvfp4"] = Field(
+        default="dense", description="streaming KV cache storage: the model's dtype, or NVFP4 along head_dim")
+
+
+
+class EvalVariantConfig(_Strict):
+    """One checkpoint the ``evaluate`` stage measures (a key of ``evaluate.variants``).
+
+    Adding a variant is this entry plus its checkpoint as a dep of ``evaluate`` in dvc.yaml.
+    """
+
+    checkpoint: str = Field(min_length=1, description="a train_ar/train_dmd export (dit/ + ar_config.json) or a DiT directory")
+    kind: Literal["t2v", "i2v"] = Field(description="i2v: every video starts from a held-out clip's first frame")
+    denoising_steps: list[int] | None = Field(
+        default=None, description="None: the export's ar_config.json (else inference.denoising_steps)")
+    quant: Literal["none", "nvfp4"] = Field(default="none", description="nvfp4: NVFP4 linears (quant: settings)")
+    inference: dict[str, Any] = Field(default_factory=dict, description="other inference: overrides, e.g. {sink_frames: 0}")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalVariantConfig":
+        if self.denoising_steps is not None:
+            _check_denoising_steps(self.denoising_steps)
+        unknown = sorted(set(self.inference) - set(InferenceConfig.model_fields))
+        if unknown:
+            raise ValueError(f"inference overrides {unknown} are not inference settings; choose from "
+                             f"{sorted(InferenceConfig.model_fields)}")
+        return self
+
+
+class EvalSpeedConfig(_Strict):
+    """Throughput runs: a single-prompt video of ``length_factor`` training clips, ``runs`` times after
+    ``warmup`` unmeasured runs; FPS and first-chunk latency are the best of the runs (least disturbed by
+    other load), the median is reported beside them."""
+
+    runs: int = Field(default=3, ge=1)
+    warmup: int = Field(default=1, ge=0)
+    length_factor: int = Field(default=4, ge=1)
+
+
+class EvalVBenchConfig(_Strict):
+    """VBench dimensions on the first ``num_videos`` T2V/I2V videos (``longlive.eval.vbench``).
+
+    ``weights``: a local directory in VBench's cache layout (``VBENCH_CACHE_DIR``); nothing downloads.
+    ``python``: an interpreter where the ``vbench`` package is installed (it pins transformers 4.33 and
+    numpy < 2, so it usually lives in its own environment); default this one. Dimensions whose package or
+    weights are missing are reported as skipped with the reason; weight-free ones are always computed.
+    """
+
+    dimensions: list[str] = Field(default_factory=lambda: ["temporal_flickering"])
+    weights: str | None = None
+    python: str | None = None
+    num_videos: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalVBenchConfig":
+        from longlive.eval.vbench import check_dimensions
+
+        check_dimensions(self.dimensions)
+        return self
+
+
+class EvaluateConfig(_Strict):
+    """The ``evaluate`` stage (``longlive.eval.suite``): speed, memory, prompt following on the held-out
+    prompt set, long-video drift, VBench and sample videos for every variant."""
+
+    variants: dict[str, EvalVariantConfig] = Field(default_factory=dict)
+    num_prompts: int = Field(default=32, ge=2, description="single-prompt T2V/I2V videos (the score's sem needs >= 2)")
+    num_multishot: int = Field(default=16, ge=1, description="two-shot videos")
+    num_drift: int = Field(default=2, ge=1, description="long videos per drift setting (prompt schedule, single prompt)")
+    length_factor: int = Field(default=8, ge=2, description="drift video length in training clips")
+    samples: int = Field(default=1, ge=0, description="sample mp4s per evaluation and variant")
+    seed: int = 0
+    threads: int | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
+    speed: EvalSpeedConfig = EvalSpeedConfig()
+    vbench: EvalVBenchConfig = EvalVBenchConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        for name in self.variants:
+            if not re.match(_NAME_RE, name):
+                raise ValueError(f"variant name {name!r} must be letters, digits, '.', '-' or '_' (it names files)")
         return self
 
 
@@ -257,8 +517,13 @@ class Preset(_Strict):
     encode: EncodeConfig
     validate_: ValidateConfig = Field(alias="validate")
     ar: ARConfig
+    dmd: DMDConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
     inference: InferenceConfig
+    parallel: ParallelConfig = ParallelConfig()
+    publish: PublishConfig = PublishConfig()
+    quant: QuantConfig = QuantConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -286,6 +551,24 @@ class Preset(_Strict):
             raise ValueError(f"latent frames {self.latent_shape[1]} must be a multiple of dit.patch_size[0] {pt}")
         if self.synth.max_radius * 2 >= min(self.video.height, self.video.width):
             raise ValueError("synth.max_radius is too large for the frame; lower it or enlarge video")
+        return self
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> "Preset":
+        sp = self.parallel.sp
+        if sp > 1 and self.parallel.sp_attention == "ulysses" and self.dit.num_heads % sp:
+            raise ValueError(
+                f"parallel.sp {sp} must divide dit.num_heads {self.dit.num_heads} for Ulysses (each rank takes "
+                f"heads / sp); choose another sp or parallel.sp_attention: allgather"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_dmd(self) -> "Preset":
+        if self.dmd is not None:
+            unknown = [v for v in self.dmd.variants if v not in self.ar.variants]
+            if unknown:
+                raise ValueError(f"dmd.variants {unknown} are not ar.variants ({sorted(self.ar.variants)})")
         return self
 
     @model_validator(mode="after")

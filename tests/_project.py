@@ -25,6 +25,8 @@ def fast_tiny(preset: dict) -> dict:
     p["encode"]["samples_per_shard"] = 4
     p["ar"]["train"].update(steps=4, batch_size=2, log_every=1)
     p["ar"].update(ckpt_every=2)
+    p["dmd"]["train"].update(steps=2, batch_size=2, log_every=1)
+    p["dmd"].update(ckpt_every=1)
     return p
 
 

@@ -22,7 +22,7 @@ def write_params(tmp_path, mutate=None, preset="tiny"):
 
 def test_shipped_presets_have_the_real_sizes():
     tiny = load_preset("tiny")
-    assert tiny.latent_shape == (16, 5, 8, 8)
+    assert tiny.latent_shape == (16, 9, 8, 8)
     wan = load_preset("wan22-5b")
     d = wan.dit
     assert (d.num_layers, d.dim, d.num_heads, d.ffn_dim, d.patch_size) == (30, 3072, 24, 14336, (1, 2, 2))

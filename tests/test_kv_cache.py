@@ -256,3 +256,75 @@ def test_cache_memory_constant_over_10x_training_length():
     assert sum(sizes) >= n and warm <= full // cfg.block_frames + 1
     assert set(nbytes[warm:]) == {full * per_frame} and set(held[warm:]) == {full}
     assert max(top) < full
+
+
+def direct_history(blocks, shots, sink, window, multishot_sink=True):
+    """Frame by frame: which earlier frames the rolling cache holds while each frame's block runs."""
+    F = len(blocks)
+    out = torch.zeros(F, F, dtype=torch.bool)
+    for q in range(F):
+        hist = [k for k in range(F) if blocks[k] < blocks[q]]
+        if not hist:
+            continue
+        anchor = shots[hist[-1]] if multishot_sink else shots[0]
+        start = min(k for k in range(F) if shots[k] == anchor)
+        sink_set = [k for k in hist if shots[k] == anchor and k - start < sink]
+        rest = [k for k in hist if k not in sink_set]
+        for k in sink_set + rest[len(rest) - min(window, len(rest)):]:
+            out[q, k] = True
+    return out
+
+
+@pytest.mark.parametrize("shots", [[0] * 9, [0, 0, 0, 0, 1, 1, 1, 1, 1]])
+def test_cached_history_matches_the_direct_rule(shots):
+    from longlive.models.attention import cached_history
+    from longlive.train.ar import frame_blocks
+
+    for independent in (False, True):
+        blocks = frame_blocks(9, 2, independent)
+        for sink, window, ms in ((1, 3, True), (0, 2, True), (2, 1, False), (1, 0, True)):
+            got = cached_history(blocks, torch.tensor(shots), sink_frames=sink, window_frames=window, multishot_sink=ms)
+            assert torch.equal(got, direct_history(blocks.tolist(), shots, sink, window, ms)), (independent, sink, window)
+    full = cached_history(frame_blocks(9, 2))
+    assert torch.equal(full, frame_blocks(9, 2)[None, :] < frame_blocks(9, 2)[:, None])
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_windowed_teacher_forcing_equals_streaming_with_the_rolling_cache(dit, contexts, independent):
+    """Train as you stream: the noisy half of a windowed teacher-forcing forward (sink 1 + window 3 over a
+    9-frame clip) == each block denoised through the rolling cache with ``max_block_position``, and
+    past the clip every block sees its sink and window at the positions the clip's last block saw."""
+    from longlive.train.ar import attention_mask, block_sizes as ar_block_sizes, max_block_position
+
+    F, sink, window = 9, 1, 3
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randn(1, C, F, H, W, generator=g)
+    noisy = torch.randn(1, C, F, H, W, generator=g)
+    t = torch.full((F,), 600.0)
+    tokens = dit.tokens_per_frame(H, W)
+    mask = attention_mask(F, tokens, 2, independent, sink_frames=sink, window_frames=window)
+    ref = dit(torch.cat((clean, noisy), dim=2), torch.cat((torch.zeros(F), t))[None], contexts[0],
+              attn_mask=mask, frame_positions=torch.arange(F).repeat(2))[:, :, F:]
+    top = max_block_position(F, 2, independent)
+    pipe = StreamingPipeline(dit, inference_cfg(sink_frames=sink, window_frames=window, max_block_position=top))
+    plans = plans_for(ar_block_sizes(F, 2, independent))
+    with torch.no_grad():
+        for p in plans:
+            f0, f1 = p.start, p.start + p.frames
+            positions = pipe.cache.next_positions(p.frames, p.shot)
+            if f0 <= top:  # t2v's last block is a partial one ([8]); streaming never starts a block past `top`
+                assert positions.tolist() == list(range(f0, f1)), "within a training clip positions are the true ones"
+                got = pipe.velocity(noisy[:, :, f0:f1], t[f0:f1], contexts[0], positions)
+                torch.testing.assert_close(got, ref[:, :, f0:f1], atol=ATOL, rtol=0)
+            write_blocks(pipe, clean, [p], contexts[0])
+        # far past the clip: the cache layout freezes at the training clip's last whole block
+        long = torch.randn(1, C, 40, H, W, generator=g)
+        extra = [BlockPlan(len(plans) + i, F + 2 * i, 2, 0, 0, False, False) for i in range(12)]
+        for p in extra:
+            x = long[:, :, p.start - F : p.start - F + 2]
+            positions = pipe.cache.next_positions(2, 0)
+            pipe.write(x, contexts[0], positions)
+            pipe.cache.commit([FrameRecord(p.start + i, p.index, 0, p.start + i, x[:, :, i : i + 1]) for i in range(2)])
+        assert pipe.cache.positions.tolist() == [0, top - 3, top - 2, top - 1]
+        assert pipe.cache.next_positions(2, 0).tolist() == [top, top + 1]
+        assert pipe.cache.held_frames()[0] == 0 and len(pipe.cache.held_frames()) == sink + window

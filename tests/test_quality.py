@@ -99,11 +99,12 @@ def test_t2v_and_i2v_reports(preset, loaded, prompts, tmp_path):
 def test_multishot_report(loaded, prompts):
     models, cfg, _ = loaded
     r = quality.eval_multishot(models, cfg, prompts[:2])
-    assert r["cut_frame"] == 5  # blocks [2, 2, 2] over the clip's 5 latent frames: the start nearest 2.5 is 2
+    # blocks [2, 2, 2, 2, 2] over the clip's 9 latent frames: the start nearest 4.5 is 4, pixel frame 1 + 4 * 3
+    assert r["cut_frame"] == 13
     assert len(r["shots"]) == 2 and r["n"] == 2
     for row in r["rows"]:
-        assert [s["caption"] for s in row["shots"]] == row["captions"] and row["cut_frame"] == 5
-        assert row["shots"][1]["start_frame"] == 5 and row["shots"][1]["end_frame"] == 17
+        assert [s["caption"] for s in row["shots"]] == row["captions"] and row["cut_frame"] == 13
+        assert row["shots"][1]["start_frame"] == 13 and row["shots"][1]["end_frame"] == 33
     assert 0.0 <= r["transition_rate"] <= 1.0 and 0.0 <= r["stuck_rate"] <= 1.0
 
 

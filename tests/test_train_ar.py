@@ -140,9 +140,10 @@ def test_shard_clips_follow_shot_starts_and_stream(shards):
     multi = [c for c in data._all if len(c.shot_starts) > 1]
     assert multi, "the synthetic set has multi-shot clips"
     _, _, index = collate(multi)
+    frames = multi[0].latents.shape[1]
     for clip, row in zip(multi, index):
         k = clip.shot_starts[1]
-        assert 0 < k < F and row.tolist() == [0] * k + [1] * (F - k)
+        assert 0 < k < frames and row.tolist() == [0] * k + [1] * (frames - k)
     stream = ShardClips(shards, shards_in_memory=1)
     assert stream.streaming and len(stream) == len(data) == 12
     keys = lambda d: [c.key for c in d.sample(4, torch.Generator().manual_seed(5))]  # noqa: E731
@@ -174,7 +175,7 @@ def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, tmp_path,
     for k, v in exported.state_dict().items():
         assert torch.equal(v, result.model.state_dict()[k])
     cfg = json.loads((tmp_path / "out" / AR_CONFIG_NAME).read_text())
-    assert cfg["i2v"] and cfg["independent_first_frame"] and cfg["train_block_sizes"] == [1, 2, 2]
+    assert cfg["i2v"] and cfg["independent_first_frame"] and cfg["train_block_sizes"] == [1, 2, 2, 2, 2]
     assert cfg["denoising_steps"] == [1000, 750, 500, 250] and cfg["weights"] == "ema"
     assert result.metrics["eval_loss_ema"] > 0 and not (tmp_path / "work" / "checkpoint.pt").exists()
 
@@ -183,7 +184,7 @@ def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, tmp_path,
 def test_stage_runs_end_to_end_in_a_tmp_project(tmp_path):
     project = make_project(tmp_path / "proj")
     run(["dvc", "repro", "train_ar"], project)
-    for v, blocks in (("t2v", [2, 2, 1]), ("i2v", [1, 2, 2])):
+    for v, blocks in (("t2v", [2, 2, 2, 2, 1]), ("i2v", [1, 2, 2, 2, 2])):
         load_dit(project / "models/ar" / v / "dit")
         assert json.loads((project / "models/ar" / v / AR_CONFIG_NAME).read_text())["train_block_sizes"] == blocks
         metrics = json.loads((project / "reports/train_ar" / v / "metrics.json").read_text())

@@ -15,6 +15,13 @@ are closed -- plus ``shot_rope_offset`` extra positions wherever the shot change
 The block being generated continues right after the last held frame. Positions therefore stay below
 ``sink_frames + window_frames + block + offsets`` however long the video runs, and a block whose cache
 holds the same K/V computes the same output whatever its absolute index.
+
+With ``max_block_position`` (the first frame of the last whole block of a training clip, which
+``train_ar`` records in ``ar_config.json``) the gap between the sink and the window is not closed
+entirely: frames after the sink move up by ``min(evicted gap, max_block_position - closed start)``,
+so once the video outgrows a training clip every block sees its sink and window at exactly the
+distances the last block of a training clip saw them (the student trains on that view, see
+``longlive.models.attention.cached_history``), and before that the positions are the true ones.
 """
 
 from __future__ import annotations
@@ -47,17 +54,21 @@ class RollingKVCache(KVCache):
         *,
         multishot_sink: bool = True,
         shot_rope_offset: int = 0,
+        max_block_position: int | None = None,
+        storage=None,
     ) -> None:
-        super().__init__(num_layers)
-        if sink_frames < 0 or window_frames < 0 or shot_rope_offset < 0:
-            raise ValueError("sink_frames, window_frames and shot_rope_offset must be >= 0")
+        super().__init__(num_layers, storage)  # storage: see KVCache (None = dense K/V)
+        if sink_frames < 0 or window_frames < 0 or shot_rope_offset < 0 or (max_block_position or 0) < 0:
+            raise ValueError("sink_frames, window_frames, shot_rope_offset and max_block_position must be >= 0")
         self.sink_frames, self.window_frames = sink_frames, window_frames
         self.multishot_sink, self.shot_rope_offset = multishot_sink, shot_rope_offset
+        self.max_block_position = max_block_position
         self.frames: list[FrameRecord] = []
 
     # positions
 
     def _positions(self, shots: list[int]) -> list[int]:
+        """Closed-up positions: consecutive, plus ``shot_rope_offset`` at each shot change."""
         out, prev = [], None
         for shot in shots:
             gap = self.shot_rope_offset if prev is not None and shot != prev else 0
@@ -65,10 +76,30 @@ class RollingKVCache(KVCache):
             prev = shot
         return out
 
+    def _sink_gap(self, closed: list[int]) -> tuple[int, int]:
+        """(index of the first held frame after the sink, positions to add from it on) -- see the module doc."""
+        sink = self.sink_indices()
+        if self.max_block_position is None or not sink or sink[-1] + 1 >= len(self.frames):
+            return len(self.frames), 0
+        after = sink[-1] + 1
+        evicted = self.frames[after].frame - self.frames[sink[-1]].frame - 1
+        room = self.max_block_position - (closed[-1] + 1)
+        return after, max(0, min(evicted, room))
+
+    def _held_positions(self) -> list[int]:
+        closed = self._positions([r.shot for r in self.frames])
+        after, gap = self._sink_gap(closed)
+        return [p + (gap if i >= after else 0) for i, p in enumerate(closed)]
+
     def next_positions(self, num_frames: int, shot: int) -> Tensor:
         """RoPE positions of the next ``num_frames`` frames (of ``shot``): right after the held ones."""
         shots = [r.shot for r in self.frames] + [shot] * num_frames
-        return torch.tensor(self._positions(shots)[len(self.frames):], dtype=torch.long)
+        closed = self._positions(shots)[len(self.frames):]
+        if self.frames:
+            held = self._held_positions()
+            shift = held[-1] - self._positions([r.shot for r in self.frames])[-1]
+            closed = [p + shift for p in closed]
+        return torch.tensor(closed, dtype=torch.long)
 
     # bookkeeping
 
@@ -91,7 +122,7 @@ class RollingKVCache(KVCache):
         if len(keep) < len(self.frames):
             self.keep(keep)
             self.frames = [self.frames[i] for i in keep]
-        self.positions = torch.tensor(self._positions([r.shot for r in self.frames]), dtype=torch.long)
+        self.positions = torch.tensor(self._held_positions(), dtype=torch.long)
 
     def clear_kv(self) -> None:
         """Drop the K/V (and positions) but keep the frame records: the start of a re-cache."""

@@ -25,6 +25,7 @@ from longlive.inference.writer import BlockDecoder, Mp4Stream
 from longlive.models.dit import WanDiT
 from longlive.models.text import TextEncoder, load_text_encoder
 from longlive.models.vae import WanVAE
+from longlive.models.lora import load_and_merge_adapter
 from longlive.models.wan_adapter import load_dit
 
 
@@ -51,13 +52,43 @@ def load_models(
     base = Path(base)
     device = torch.device(device)
     checkpoint = Path(checkpoint or base / "dit")
-    if (checkpoint / "dit").is_dir():  # a train_ar export: dit/ beside ar_config.json
-        checkpoint = checkpoint / "dit"
-    dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit).to(device).eval()
+    export_dir = None
+    if (checkpoint / "dit").is_dir():  # a train_ar / train_dmd export: dit/ beside ar_config.json
+        export_dir, checkpoint = checkpoint, checkpoint / "dit"
+    dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit)
+    # a LoRA-trained student: lora.safetensors beside dit/ (given the export or its dit/ directory)
+    load_and_merge_adapter(dit, export_dir or checkpoint.parent)
+    dit = dit.to(device).eval()
     vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
     vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
     text = load_text_encoder(preset.text, base / "text")
     return Models(dit, vae, text)
+
+
+def load_release_models(
+    release: str | os.PathLike,
+    variant: str | None = None,
+    *,
+    preset: Preset | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Models, Preset]:
+    """Load a release folder (``longlive pull``): the DiT of ``checkpoints/<variant>``, the VAE and text
+    encoder of ``base/``, and the preset the release was built with (unless ``preset`` is given), its
+    inference settings updated from the student's ``ar_config.json``. ``release`` may also be
+    ``<release>/checkpoints/<variant>``. Returns ``(models, preset)`` for :func:`generate_video`."""
+    from longlive.publish import ReleaseError
+    from longlive.publish.release import Release, find_release
+
+    rel, named = find_release(release) or (Release.open(release), None)  # open() explains what is missing
+    checkpoint = rel.checkpoint(variant or named)
+    kind = rel.info["checkpoints"][checkpoint.name].get("kind")
+    if kind != "dit":
+        raise ReleaseError(f"checkpoint {checkpoint.name} of release {rel.version} is {kind}, which load_models cannot "
+                           "load yet; pick one of its DiT checkpoints (kind dit in release.json)")
+    preset = preset or rel.preset()
+    preset = preset.model_copy(update={"inference": with_ar_config(preset.inference, read_ar_config(checkpoint))})
+    return load_models(preset, rel.base, checkpoint, device=device, dtype=dtype), preset
 
 
 def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -117,7 +148,7 @@ def generate_video(
         latent_frames = latent_frame_at(max(1, math.ceil(seconds * fps)), tc)  # covers the last pixel frame
     dit, vae, text = models.dit, models.vae, models.text
     device = next(dit.parameters()).device
-    pipe = StreamingPipeline(dit, cfg, device)
+    pipe = StreamingPipeline(dit, cfg, device, kv_cache=preset.quant.kv_cache)
     C, _, h, w = preset.latent_shape
 
     image_latent = None
@@ -199,7 +230,7 @@ def generate_video(
 
 
 AR_CONFIG_NAME = "ar_config.json"  # written by train_ar beside the student's dit/ directory
-FROM_AR_CONFIG = ("block_frames", "independent_first_frame", "denoising_steps", "timestep_shift")
+FROM_AR_CONFIG = ("block_frames", "independent_first_frame", "denoising_steps", "timestep_shift", "max_block_position")
 
 
 def read_ar_config(checkpoint: str | os.PathLike) -> dict | None:
@@ -237,13 +268,20 @@ def cli_generate(args) -> int:
     from pydantic import ValidationError
 
     from longlive.config import ConfigError, load_preset
+    from longlive.publish import ReleaseError, find_release
 
     try:
-        preset = load_preset(args.preset, args.params)
-        ar_config = read_ar_config(args.checkpoint) if args.checkpoint else None
+        base, checkpoint, release = args.base, args.checkpoint, None
+        found = find_release(args.checkpoint) if args.checkpoint else None
+        if found is not None:  # a release folder: its base models and DiT, and its preset unless --preset/--params
+            release, variant = found
+            base, checkpoint = release.base, release.checkpoint(variant)
+        use_release_preset = release is not None and not (args.preset or args.params)
+        preset = release.preset() if use_release_preset else load_preset(args.preset, args.params)
+        ar_config = read_ar_config(checkpoint) if checkpoint else None
         cfg = inference_overrides(with_ar_config(preset.inference, ar_config), args.set)
         schedule = PromptSchedule.single(args.prompt) if args.prompt else PromptSchedule.load(args.prompt_schedule)
-    except (ConfigError, ValidationError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValidationError, ValueError, FileNotFoundError, ReleaseError) as e:
         print(f"longlive generate: {e}", file=sys.stderr)
         return 2
     if ar_config and ar_config.get("i2v") and not args.image:
@@ -251,7 +289,7 @@ def cli_generate(args) -> int:
     device = resolve_device(args.device or preset.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     preset = preset.model_copy(update={"inference": cfg})
-    models = load_models(preset, args.base, args.checkpoint, device=device, dtype=dtype)
+    models = load_models(preset, base, checkpoint, device=device, dtype=dtype)
     result = generate_video(models, preset, schedule, seconds=args.seconds, out=args.out, image=args.image,
                             seed=args.seed)
     t = result.timings

@@ -31,6 +31,7 @@ from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
 from longlive.inference.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.inference.schedule import BlockPlan
 from longlive.models.dit import WanDiT
+from longlive.quant.kv_cache import make_kv_storage
 
 
 def step_sigmas(denoising_steps: list[int], shift: float) -> Tensor:
@@ -57,12 +58,16 @@ class StreamingPipeline:
     empty prompt's, needed only for CFG. Latents are normalised VAE latents of shape (C, h, w) per frame.
     """
 
-    def __init__(self, dit: WanDiT, cfg: InferenceConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, dit: WanDiT, cfg: InferenceConfig, device: torch.device | str | None = None, *, kv_cache: str = "dense",
+    ) -> None:
+        """``kv_cache``: ``dense`` K/V in the model's dtype, or ``nvfp4`` (``longlive.quant.kv_cache``)."""
         if dit.cfg.patch_size[0] != 1:
             raise ValueError("streaming needs dit.patch_size[0] == 1 (one post-patch frame per latent frame)")
         self.dit, self.cfg = dit.eval(), cfg
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
         self.sigmas = step_sigmas(cfg.denoising_steps, cfg.timestep_shift)
+        self.kv_cache = kv_cache
         self.cache = self.new_cache()
 
     def new_cache(self) -> RollingKVCache:
@@ -70,6 +75,9 @@ class StreamingPipeline:
         return RollingKVCache(
             len(self.dit.blocks), c.sink_frames, c.window_frames,
             multishot_sink=c.multishot_sink, shot_rope_offset=c.multishot_rope_offset,
+            max_block_position=c.max_block_position,
+            # sink + window after eviction, plus the block being written
+            storage=make_kv_storage(self.kv_cache, len(self.dit.blocks), c.sink_frames + c.window_frames + c.block_frames),
         )
 
     @property

@@ -75,6 +75,57 @@ def teacher_forcing_mask(
     return frames.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
 
 
+def cached_history(
+    blocks: Tensor, shots: Tensor | None = None, *, sink_frames: int = 0, window_frames: int | None = None,
+    multishot_sink: bool = True,
+) -> Tensor:
+    """(F, F) boolean: ``[q, k]`` True when frame k is in the KV cache while frame q's block is generated.
+
+    ``blocks`` (F,) block index of each frame (non-decreasing), ``shots`` (F,) shot index (default one
+    shot). With ``window_frames=None`` that is every frame of an earlier block. Otherwise it is what
+    :class:`longlive.inference.cache.RollingKVCache` keeps: the sink (the first ``sink_frames`` frames
+    of the anchor shot -- the shot of the latest earlier frame with ``multishot_sink``, else shot 0)
+    plus the ``window_frames`` latest earlier frames outside the sink. Training with this view teaches
+    a student exactly the context it will stream with.
+    """
+    F = blocks.numel()
+    earlier = blocks[None, :] < blocks[:, None]
+    if window_frames is None:
+        return earlier
+    shots = torch.zeros(F, dtype=torch.long) if shots is None else shots.cpu()
+    frame = torch.arange(F)
+    shot_start = {int(s): int(frame[shots == s].min()) for s in shots.unique()}
+    out = torch.zeros(F, F, dtype=torch.bool)
+    for b in blocks.unique().tolist():
+        rows = (blocks == b).nonzero().flatten()
+        history = frame[blocks.cpu() < b]
+        if not len(history):
+            continue
+        anchor = int(shots[history[-1]]) if multishot_sink else int(shots[0])
+        in_sink = (shots[history] == anchor) & (history - shot_start[anchor] < sink_frames)
+        rest = history[~in_sink]
+        keep = torch.cat((history[in_sink], rest[len(rest) - min(window_frames, len(rest)):]))
+        out[rows[:, None], keep[None, :]] = True
+    return out.to(blocks.device)
+
+
+def teacher_forcing_mask_from_history(history: Tensor, blocks: Tensor, frame_tokens: int) -> Tensor:
+    """(2S, 2S) mask over ``[clean | noisy]`` given each frame's visible clean history (F, F).
+
+    Clean and noisy frames of block b both see the clean history of b; clean frames also see their
+    own clean block (the pass that writes the cache), noisy frames their own noisy block.
+    """
+    same = blocks[None, :] == blocks[:, None]
+    frames = torch.cat(
+        (
+            torch.cat((history | same, torch.zeros_like(same)), dim=1),
+            torch.cat((history, same), dim=1),
+        ),
+        dim=0,
+    )
+    return frames.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
+
+
 class KVCache:
     """Self-attention keys (before RoPE) and values of earlier frames, per layer, (B, S, heads, head_dim),
     and the RoPE frame position of each held frame (``positions``, (num_frames,) long).
@@ -88,13 +139,18 @@ class KVCache:
     Keys are stored before RoPE and rotated at attention time by ``positions``, so a subclass can
     re-base positions (relative RoPE for unbounded length) or drop frames (:meth:`keep`) without
     recomputing anything: the held K/V do not depend on where the frames sit.
+
+    ``storage``: None keeps the K/V as dense tensors in ``k`` / ``v``; otherwise that object holds them
+    (same methods: ``update``, ``frames_written``, ``keep``, ``reset``, ``nbytes``), e.g.
+    :class:`longlive.quant.kv_cache.NVFP4KVStorage` (4-bit, in preallocated buffers).
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, storage=None) -> None:
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
         self.positions = torch.zeros(0, dtype=torch.long)  # one per held (post-patch) frame
         self.write = False
+        self.storage = storage
 
     @property
     def num_frames(self) -> int:
@@ -110,6 +166,8 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """K (un-rotated) and V to attend to at ``layer``: cached then new; stored back while writing."""
+        if self.storage is not None:
+            return self.storage.update(layer, k, v, write=self.write)
         if self.k[layer] is not None:
             k = torch.cat((self.k[layer], k), dim=1)
             v = torch.cat((self.v[layer], v), dim=1)
@@ -121,6 +179,8 @@ class KVCache:
         """Called by the model once per forward, after all layers, with the new frames' positions."""
         if self.write:
             self.positions = torch.cat((self.positions, positions.detach().cpu().long().flatten()))
+            if self.storage is not None:
+                self.storage.frames_written(self.num_frames)
 
     def keep(self, frames: Tensor | list[int]) -> None:
         """Keep only the held frames at indices ``frames`` (in that order); drop the rest."""
@@ -128,6 +188,8 @@ class KVCache:
         n = self.num_frames
         if n == 0:
             return
+        if self.storage is not None:
+            self.storage.keep(frames, n)
         for store in (self.k, self.v):
             for layer, t in enumerate(store):
                 if t is not None:
@@ -138,6 +200,10 @@ class KVCache:
         self.k = [None] * len(self.k)
         self.v = [None] * len(self.v)
         self.positions = torch.zeros(0, dtype=torch.long)
+        if self.storage is not None:
+            self.storage.reset()
 
     def cache_bytes(self) -> int:
+        if self.storage is not None:
+            return self.storage.nbytes()
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -10,6 +10,13 @@ block may be shorter). One training sequence is the clip twice, ``[clean x0 | no
   at inference), noisy block i sees clean blocks < i and itself;
 * loss: flow matching (target ``noise - x0``) on the noisy half only.
 
+With ``window_frames`` set, "earlier blocks" narrows to what the streaming cache holds for the block:
+the sink (first ``sink_frames`` frames of the shot) and the ``window_frames`` latest earlier frames
+(``cached_history``). On clips longer than sink + window + block the last blocks then see a sink far
+behind their window, at the same RoPE distances streaming uses once it outgrows a clip
+(``max_block_position`` in ``ar_config.json``): the student learns to stream with a sink rather than
+meeting one for the first time at inference.
+
 Noise levels (``timestep_sampling: steps``, the default): each block draws one timestep of the
 inference step list (``denoising_steps``, e.g. [1000, 750, 500, 250]) mapped through the timestep
 shift, ``sigma = shift * s / (1 + (shift - 1) s)`` with ``s = t / 1000`` -- Self-Forcing's
@@ -51,10 +58,11 @@ from torch import Tensor
 from longlive.config import ARConfig, ARVariantConfig, Preset
 from longlive.data.shards import iter_samples, iter_shard, open_fs, read_manifest
 from longlive.diffusion import flow
-from longlive.models.attention import teacher_forcing_mask
+from longlive.models.attention import cached_history, teacher_forcing_mask_from_history
 from longlive.models.dit import WanDiT
 from longlive.models.text import load_text_encoder
 from longlive.models.wan_adapter import load_dit, save_dit
+from longlive.quant.convert import apply_qat
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, resolve_device, run_training, write_history
 
@@ -79,19 +87,57 @@ def block_sizes(num_frames: int, block_frames: int, independent_first_frame: boo
 
 def attention_mask(
     num_frames: int, frame_tokens: int, block_frames: int, independent_first_frame: bool = False,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, *, shots: Tensor | None = None, sink_frames: int = 0,
+    window_frames: int | None = None, multishot_sink: bool = True,
 ) -> Tensor:
-    """(2S, 2S) teacher-forcing mask over ``[clean | noisy]`` for the block layout above."""
-    if not independent_first_frame:
-        return teacher_forcing_mask(num_frames, frame_tokens, block_frames, device=device)
-    # Frame 0 alone in block 0: lay the clip out after block_frames - 1 virtual frames, so frame f falls
-    # in block (f + block_frames - 1) // block_frames, then drop the virtual frames' rows and columns.
-    pad = block_frames - 1
-    full = teacher_forcing_mask(num_frames + pad, frame_tokens, block_frames, device=device)
-    frames = torch.arange(num_frames, device=device) + pad
-    frames = torch.cat((frames, frames + num_frames + pad))
-    tokens = (frames[:, None] * frame_tokens + torch.arange(frame_tokens, device=device)).flatten()
-    return full[tokens][:, tokens]
+    """(2S, 2S) teacher-forcing mask over ``[clean | noisy]`` for the block layout above.
+
+    Each block sees the clean frames the streaming cache would hold for it (``cached_history``): all
+    earlier blocks, or with ``window_frames`` the sink + window view, so a clip longer than sink +
+    window + block trains the student on the context it streams with (a sink far behind the window).
+    """
+    blocks = frame_blocks(num_frames, block_frames, independent_first_frame)
+    history = cached_history(blocks, shots, sink_frames=sink_frames, window_frames=window_frames,
+                             multishot_sink=multishot_sink)
+    return teacher_forcing_mask_from_history(history, blocks, frame_tokens).to(device)
+
+
+class ClipMasks:
+    """The teacher-forcing mask of a batch: one shared mask, or one per clip when it depends on the shots
+    (a windowed view with a sink re-anchored per shot); masks are cached by the clip's shot starts."""
+
+    def __init__(self, cfg: ARConfig, variant: ARVariantConfig, num_frames: int, frame_tokens: int,
+                 device: torch.device) -> None:
+        self.cfg, self.variant, self.F, self.tokens, self.device = cfg, variant, num_frames, frame_tokens, device
+        self.per_clip = cfg.window_frames is not None and cfg.sink_frames > 0
+        self._masks: dict[tuple[int, ...], Tensor] = {}
+
+    def _mask(self, shot_starts: tuple[int, ...]) -> Tensor:
+        if shot_starts not in self._masks:
+            c = self.cfg
+            self._masks[shot_starts] = attention_mask(
+                self.F, self.tokens, c.block_frames, self.variant.independent_first_frame, self.device,
+                shots=shot_index(list(shot_starts), self.F), sink_frames=c.sink_frames,
+                window_frames=c.window_frames, multishot_sink=c.multishot_sink,
+            )
+        return self._masks[shot_starts]
+
+    def __call__(self, clips: list[Clip]) -> Tensor:
+        if not self.per_clip:
+            return self._mask((0,))
+        masks = [self._mask(tuple(c.shot_starts)) for c in clips]
+        if all(m is masks[0] for m in masks):
+            return masks[0]
+        return torch.stack(masks)[:, None]  # (B, 1, 2S, 2S): broadcasts over heads
+
+
+def max_block_position(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> int:
+    """First frame of the last whole block of a training clip: past it, streaming re-bases RoPE positions
+    so every block sits where that block sat in training (see ``RollingKVCache``)."""
+    sizes = block_sizes(num_frames, block_frames, independent_first_frame)
+    starts = np.cumsum([0] + sizes[:-1])
+    whole = [int(s) for s, n in zip(starts, sizes) if n == block_frames]
+    return whole[-1] if whole else 0
 
 
 step_sigmas = flow.step_list_sigmas  # the inference step list's sigmas (one definition, in flow)
@@ -288,13 +334,23 @@ def inference_config(preset: Preset, variant_name: str) -> dict:
         "block_frames": cfg.block_frames,
         "train_latent_frames": F,
         "train_block_sizes": block_sizes(F, cfg.block_frames, variant.independent_first_frame),
+        "max_block_position": max_block_position(F, cfg.block_frames, variant.independent_first_frame),
+        "sink_frames": cfg.sink_frames,
+        "window_frames": cfg.window_frames,
         "denoising_steps": list(cfg.denoising_steps),
         "timestep_shift": cfg.timestep_shift,
         "denoising_sigmas": [round(s, 6) for s in step_sigmas(cfg.denoising_steps, cfg.timestep_shift).tolist()],
         "timestep_sampling": cfg.timestep_sampling,
         "caption_dropout": cfg.caption_dropout,
         "weights": "ema",
+        "qat": preset.quant.qat,
     }
+
+
+def qat_fingerprint(preset: Preset) -> dict:
+    """What QAT adds to a run's identity (nothing without QAT, so existing checkpoints still resume)."""
+    q = preset.quant
+    return {"qat": q.model_dump(include={"keep_high_precision", "scale_rule", "weight_block_2d"})} if q.qat else {}
 
 
 def train_ar(
@@ -329,21 +385,24 @@ def train_ar(
             null_context = load_text_encoder(preset.text, text_path).encode([""])[0][0].float().cpu()
 
     model = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
+    if preset.quant.qat:  # NVFP4 fake quantization (QAT); same parameters, so the export stays plain weights
+        apply_qat(model, preset.quant)
     C, F, h, w = data.first().latents.shape
     if (C, F, h, w) != preset.latent_shape:
         raise ValueError(f"shard latents are {(C, F, h, w)}, the preset expects {preset.latent_shape}; re-encode")
-    mask = attention_mask(F, model.tokens_per_frame(h, w), cfg.block_frames, variant.independent_first_frame, device)
+    masks = ClipMasks(cfg, variant, F, model.tokens_per_frame(h, w), device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.start_step)
 
     def loss_fn(step: int, g: torch.Generator):
-        x0, context, index = collate(data.sample(cfg.train.batch_size, g))
+        clips = data.sample(cfg.train.batch_size, g)
+        x0, context, index = collate(clips)
         batch = build_batch(x0, context, index, null_context, cfg, variant, g).to(device)
-        loss = masked_flow_loss(tf_forward(model, batch, mask), batch)
+        loss = masked_flow_loss(tf_forward(model, batch, masks(clips)), batch)
         return loss, {}
 
     settings = {k: v for k, v in cfg.model_dump().items() if k not in ("variants", "train", "ckpt_every", "shards_in_memory")}
     fingerprint = json.dumps({"data": data.fingerprint, "base": _file_stamp(base_dir / "dit"), "variant": variant.model_dump(),
-                              "ar": settings}, sort_keys=True)
+                              "ar": settings, **qat_fingerprint(preset)}, sort_keys=True)
     t0 = time.time()
     history = run_training(
         f"train_ar-{variant_name}", model, loss_fn, cfg.train, work_dir, seed=preset.seed,
@@ -353,9 +412,9 @@ def train_ar(
     )
     wall = time.time() - t0
 
-    eval_raw = evaluate(model, data, null_context, cfg, variant, mask, device, preset.seed)
+    eval_raw = evaluate(model, data, null_context, cfg, variant, masks, device, preset.seed)
     ema.copy_to(model)
-    eval_ema = evaluate(model, data, null_context, cfg, variant, mask, device, preset.seed)
+    eval_ema = evaluate(model, data, null_context, cfg, variant, masks, device, preset.seed)
 
     save_dit(model, out_dir / "dit")
     (out_dir / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, variant_name), indent=2) + "\n")
@@ -380,7 +439,7 @@ def train_ar(
 @torch.no_grad()
 def evaluate(
     model: WanDiT, data: ShardClips, null_context: Tensor, cfg: ARConfig, variant: ARVariantConfig,
-    mask: Tensor, device: torch.device, seed: int, batches: int = 4,
+    masks: ClipMasks, device: torch.device, seed: int, batches: int = 4,
 ) -> float:
     """Teacher-forcing loss on fixed batches (same clips, noise and levels on every call), no dropout."""
     cfg = cfg.model_copy(update={"caption_dropout": 0.0})
@@ -389,16 +448,17 @@ def evaluate(
     losses = []
     for i in range(batches):
         g = torch.Generator().manual_seed(10_007 * (seed + 1) + i)
-        x0, context, index = collate(data.sample(cfg.train.batch_size, g))
+        clips = data.sample(cfg.train.batch_size, g)
+        x0, context, index = collate(clips)
         batch = build_batch(x0, context, index, null_context, cfg, variant, g).to(device)
         with autocast(cfg.precision, device):
-            losses.append(masked_flow_loss(tf_forward(model, batch, mask), batch).item())
+            losses.append(masked_flow_loss(tf_forward(model, batch, masks(clips)), batch).item())
     model.train(was_training)
     return float(np.mean(losses))
 
 
 __all__ = [
-    "frame_blocks", "block_sizes", "attention_mask", "step_sigmas", "sample_block_sigmas", "shot_index",
+    "frame_blocks", "block_sizes", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
     "Clip", "ShardClips", "collate", "TFBatch", "build_batch", "masked_flow_loss", "tf_forward",
     "train_ar", "inference_config", "ARResult", "AR_CONFIG_NAME",
 ]

@@ -94,6 +94,7 @@ def run_training(
     precision: str = "fp32",
     tracking: TrackingConfig | None = None,
     run_config: dict | None = None,
+    param_groups: list[dict] | None = None,
 ) -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoint.pt`` if present.
 
@@ -107,6 +108,11 @@ def run_training(
     precision: ``fp32``, ``bf16`` or ``auto`` (bf16 autocast of loss_fn on CUDA, fp32 elsewhere);
     the weights and optimizer state stay fp32. tracking: wandb settings (None: no wandb); its files
     go under ``run_dir/wandb``, ``run_config`` is recorded as the run's config.
+    param_groups: ``[{"name", "params", "lr"?}]`` for models trained side by side (DMD's generator and
+    critic): one AdamW with a learning rate per group, gradients clipped per group (``grad_norm_{name}``
+    is logged). Parameters without a gradient in a step (a group whose loss was not computed) are left
+    untouched by AdamW. Default: every trainable parameter of ``model`` in one group at ``cfg.lr``.
+
     Returns the full loss history (one dict per logged step), also kept in the checkpoint.
     """
     run_dir = Path(run_dir)
@@ -119,7 +125,12 @@ def run_training(
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     device = params[0].device
     amp_dtype = autocast_dtype(precision, device)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    groups = [{"name": "model", "params": params}] if param_groups is None else [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
+    if param_groups is not None and {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
+        raise TrainingError(f"{name}: param_groups must cover exactly the model's trainable parameters")
+    opt = torch.optim.AdamW([{"params": g["params"], "lr": g.get("lr", cfg.lr)} for g in groups],
+                            lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     fingerprint = {"name": name, "seed": seed, "data": data_fingerprint, **cfg.model_dump()}
     # Only settings that differ from the plain loop enter the fingerprint, so older checkpoints still resume.
@@ -181,7 +192,8 @@ def run_training(
                 loss_sum += loss.item()
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            norms = {g["name"]: torch.nn.utils.clip_grad_norm_(g["params"], grad_clip) for g in groups}
+            grad_norm = torch.stack(list(norms.values())).norm()
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
@@ -190,6 +202,8 @@ def run_training(
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": loss_sum / grad_accum, "grad_norm": float(grad_norm), "lr": lr,
                        **{k: v / grad_accum for k, v in metric_sums.items()}}
+                if len(groups) > 1:
+                    rec.update({f"grad_norm_{k}": float(v) for k, v in norms.items()})
                 history.append(rec)
                 tracker.log({k: v for k, v in rec.items() if k != "step"}, step=step)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")

@@ -1,0 +1,149 @@
+"""LoRA adapters on the DiT's linear projections, applied from outside the model, and their merge.
+
+``apply_lora(model, cfg)`` swaps each targeted ``nn.Linear`` for a :class:`LoRALinear` that keeps the
+original layer as ``base`` (frozen) and adds ``(alpha / rank) * B(A(x))``; ``merge_lora`` folds the
+adapters back into plain ``nn.Linear`` layers. Targets are suffixes of module names
+(``attn1.to_q`` matches ``blocks.3.attn1.to_q``).
+
+Why not ``peft``: peft would fit the Linear layers, but its injected modules rename the base weights
+(``to_q.base_layer.weight``), which breaks the diffusers key map our save/load uses, and they would
+stand between the NVFP4 converter (which swaps ``nn.Linear`` modules by name) and the layers it must
+see. Sixty lines keep one state-dict layout before and after a merge, and no extra dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from longlive.config import LoRAConfig
+
+ADAPTER_FILE = "lora.safetensors"
+
+
+class LoRAError(ValueError):
+    pass
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * up(down(x))``; ``up`` starts at zero, so a fresh adapter changes nothing."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        base.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return (self.scale * (self.up.weight.float() @ self.down.weight.float())).to(self.base.weight.dtype)
+
+
+def _targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)}
+    if not found:
+        raise LoRAError(f"no nn.Linear module matches the LoRA targets {targets}; names look like "
+                        f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
+    return found
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *, freeze_base: bool = True) -> nn.Module:
+    """Wrap the targeted linears in adapters (in place) and, by default, freeze everything else."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LoRAError("the model already has LoRA adapters; merge_lora() them first")
+    if freeze_base:
+        model.requires_grad_(False)
+    for name, linear in _targets(model, cfg.targets).items():
+        _set(model, name, LoRALinear(linear, cfg.rank, cfg.alpha))
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer and put the plain ``nn.Linear`` back (in place).
+
+    Idempotent: a model without adapters is returned unchanged, so merging twice is merging once.
+    """
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.base.weight += m.delta_weight()
+            _set(model, name, m.base)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters alone: ``{module}.down.weight`` / ``{module}.up.weight``."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".down.weight", ".up.weight"))}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load adapter weights into a model that has matching adapters; refuse anything that does not fit."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise LoRAError(f"LoRA weights do not match the model's adapters: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}; apply_lora with the same targets first")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise LoRAError(f"LoRA weight {k} has shape {tuple(v.shape)} but the model's adapter is "
+                            f"{tuple(own[k].shape)}: rank or layer sizes differ from the adapter's config")
+    model.load_state_dict(state, strict=False)
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | os.PathLike) -> Path:
+    """``directory/lora.safetensors`` with the config (rank, alpha, targets) in its metadata."""
+    path = Path(directory) / ADAPTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp),
+              metadata={"lora_config": cfg.model_dump_json()})
+    os.replace(tmp, path)
+    return path
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Tensor]] | None:
+    """(config, weights) of ``directory/lora.safetensors``, or None when there is no adapter."""
+    from safetensors import safe_open
+
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "lora_config" not in meta:
+        raise LoRAError(f"{path} has no lora_config metadata; write it with longlive.models.lora.save_adapter")
+    return LoRAConfig.model_validate_json(meta["lora_config"]), load_file(str(path))
+
+
+def load_and_merge_adapter(model: nn.Module, directory: str | os.PathLike) -> bool:
+    """Merge ``directory/lora.safetensors`` (if any) into ``model``; True when there was one."""
+    adapter = read_adapter(directory)
+    if adapter is None:
+        return False
+    cfg, state = adapter
+    apply_lora(model, cfg, freeze_base=False)
+    load_lora_state_dict(model, state)
+    merge_lora(model)
+    return True

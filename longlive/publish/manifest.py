@@ -1,0 +1,188 @@
+"""The release manifest: SHA-256 and size of every file of a release folder, and the errors of publishing.
+
+``manifest.json`` sits at the top of the release and lists every other file by its relative POSIX
+path. It is written last (when a folder is built and when a release is uploaded), so its presence
+is what makes a release complete. Paths are checked before use: a manifest naming ``../x`` or an
+absolute path is refused rather than followed outside the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+MANIFEST = "manifest.json"
+FORMAT = "longlive-release/1"
+CHUNK = 8 << 20  # hashing/copy chunk: large enough for throughput, small enough for memory
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RESERVED = {"latest", "latest.json"}
+
+
+class ReleaseError(RuntimeError):
+    """A release is missing, incomplete or unusable; the message names it and the fix."""
+
+
+class ReleaseExistsError(ReleaseError):
+    """The version is already published (and ``force`` was not given)."""
+
+
+class ChecksumError(ReleaseError):
+    """A file's bytes do not match the SHA-256 (or size) the manifest records."""
+
+
+class UploadError(ReleaseError):
+    """An upload failed part-way; nothing was made visible and the publish can be retried."""
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.match(version) or version in RESERVED:
+        raise ReleaseError(
+            f"release version {version!r} is not allowed: use letters, digits, '.', '-' or '_' (first a letter or "
+            f"digit, at most 128 characters), and not {sorted(RESERVED)}"
+        )
+    return version
+
+
+def check_relpath(rel: str) -> str:
+    """A manifest path must stay inside the release: relative, POSIX, no '..', no empty parts."""
+    p = PurePosixPath(rel)
+    bad_part = any(part in ("", ".", "..") for part in rel.split("/"))
+    if not rel or rel.startswith("/") or "\\" in rel or p.is_absolute() or bad_part:
+        raise ReleaseError(f"manifest path {rel!r} is not a plain relative path inside the release; refusing it")
+    return rel
+
+
+class Hasher:
+    """SHA-256 and byte count of what passes through ``update``."""
+
+    def __init__(self) -> None:
+        self.sha, self.bytes = hashlib.sha256(), 0
+
+    def update(self, chunk: bytes) -> None:
+        self.sha.update(chunk)
+        self.bytes += len(chunk)
+
+    def entry(self) -> dict:
+        return {"sha256": self.sha.hexdigest(), "bytes": self.bytes}
+
+
+def hash_stream(f: BinaryIO, on_chunk=None) -> dict:
+    h = Hasher()
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return h.entry()
+
+
+def hash_file(path: str | os.PathLike) -> dict:
+    with open(path, "rb") as f:
+        return hash_stream(f)
+
+
+def scan_folder(folder: str | os.PathLike) -> dict[str, dict]:
+    """``{relative posix path: {sha256, bytes}}`` of every file under ``folder`` except the manifest."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise ReleaseError(f"{path} is a symbolic link; a release holds plain files only (copy the target in)")
+        if path.is_file():
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                files[check_relpath(rel)] = hash_file(path)
+    return files
+
+
+def build_manifest(folder: str | os.PathLike, version: str) -> dict:
+    files = scan_folder(folder)
+    return {
+        "format": FORMAT,
+        "version": check_version(version),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_files": len(files),
+        "total_bytes": sum(e["bytes"] for e in files.values()),
+        "files": files,
+    }
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``manifest.json`` atomically (a reader sees the whole file or none)."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_bytes(manifest_bytes(manifest))
+    os.replace(tmp, path)
+    return path
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Decode and check a manifest's structure (and every path in it)."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReleaseError(f"{where} is not valid JSON ({e}); the release is damaged: republish it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ReleaseError(f"{where} is not a {FORMAT} manifest (format={fmt!r}); the release is damaged: republish it")
+    check_version(str(manifest.get("version", "")))
+    for rel, entry in manifest["files"].items():
+        check_relpath(rel)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise ReleaseError(f"{where}: entry for {rel!r} needs sha256 and bytes")
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ReleaseError(f"{folder} has no {MANIFEST}: it is not a (complete) release folder; build or pull it again")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def content_id(manifest: dict) -> str:
+    """One digest of all files (paths and SHA-256): equal ids mean byte-identical releases."""
+    h = hashlib.sha256()
+    for rel in sorted(manifest["files"]):
+        h.update(f"{rel}\0{manifest['files'][rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def mismatch_message(rel: str, where: str, want: dict, got: dict) -> str:
+    what = (f"sha256 {got['sha256'][:16]}... but the manifest records {want['sha256'][:16]}..."
+            if got["bytes"] == want["bytes"] else f"{got['bytes']} bytes but the manifest records {want['bytes']}")
+    return f"{rel}: {where} has {what}; the file was modified or corrupted after it was published"
+
+
+def verify_folder(folder: str | os.PathLike, manifest: dict | None = None) -> dict:
+    """Check every file of a local release against its manifest; :class:`ChecksumError` names the file.
+
+    Files that are not in the manifest are refused too: a release is exactly what was published.
+    """
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()} - {MANIFEST}
+    missing, extra = sorted(manifest["files"].keys() - present), sorted(present - manifest["files"].keys())
+    if missing:
+        raise ChecksumError(f"{folder}: files of the manifest are missing: {missing[:5]}; pull the release again")
+    if extra:
+        raise ChecksumError(f"{folder}: files not in the manifest: {extra[:5]}; remove them or pull the release again")
+    for rel, want in manifest["files"].items():
+        if (folder / rel).is_symlink():
+            raise ChecksumError(f"{folder / rel} is a symbolic link, not the published file; pull the release again")
+        got = hash_file(folder / rel)
+        if got != {"sha256": want["sha256"], "bytes": want["bytes"]}:
+            raise ChecksumError(mismatch_message(rel, str(folder), want, got) + "; pull the release again")
+    return manifest
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,98 @@
+"""Publish from a preset's ``publish:`` section: name the version, build the folder, upload it, and
+optionally record it as a wandb artifact. The ``publish`` stage and ``longlive publish`` call this."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import string
+from datetime import datetime, timezone
+from pathlib import Path
+
+from longlive.config import Preset, PublishConfig
+from longlive.publish.build import build_release
+from longlive.publish.manifest import ReleaseError, check_version
+from longlive.publish.provenance import git_info
+from longlive.publish.store import PublishResult, ReleaseStore
+
+log = logging.getLogger(__name__)
+
+VERSION_FIELDS = ("preset", "n", "date", "commit")
+
+
+def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: str | os.PathLike = ".") -> str:
+    """Fill ``{preset}``, ``{date}`` (UTC YYYYMMDD), ``{commit}`` (8 hex, ``nogit`` outside git) and ``{n}``
+    (1 + the highest n among *visible* releases of this template, so a failed publish's retry reuses it)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ReleaseError(f"publish.version {template!r} is not a valid template ({e})") from None
+    unknown = sorted(set(fields) - set(VERSION_FIELDS))
+    if unknown:
+        allowed = ", ".join("{" + f + "}" for f in VERSION_FIELDS)
+        raise ReleaseError(f"publish.version {template!r} uses {unknown}; allowed: {allowed}")
+    values = {"preset": preset.name, "date": datetime.now(timezone.utc).strftime("%Y%m%d")}
+    if "commit" in fields:
+        values["commit"] = git_info(repo)["short"] or "nogit"
+    if "n" in fields:
+        head, _, tail = template.partition("{n}")
+        if "{n}" in tail:
+            raise ReleaseError(f"publish.version {template!r} uses {{n}} twice")
+        head, tail = head.format(**values), tail.format(**values)
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
+        taken = [int(m.group(1)) for v in store.versions() if (m := pattern.match(v))]
+        return check_version(f"{head}{max(taken, default=0) + 1}{tail}")
+    return check_version(template.format(**values))
+
+
+def log_wandb_artifact(folder: Path, result: PublishResult, preset: Preset, work_dir: Path) -> str | None:
+    """Record the release as a wandb ``model`` artifact: its card, release.json and manifest, plus a reference
+    to where it lives (no bytes are copied into wandb). Offline unless WANDB_MODE/tracking says online."""
+    from longlive.train.tracking import wandb_mode
+
+    mode = wandb_mode(preset.tracking)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=preset.tracking.project, job_type="publish", name=f"publish-{result.version}", mode=mode,
+                     dir=str(work_dir), config={"preset": preset.name, "version": result.version, "url": result.url})
+    try:
+        art = wandb.Artifact(f"longlive-{preset.name}", type="model", metadata=result.summary())
+        for name in ("README.md", "release.json", "manifest.json"):
+            art.add_file(str(folder / name), name=name)
+        ref = result.url if "://" in result.url else Path(result.url).resolve().as_uri()
+        art.add_reference(ref, name="release", checksum=False)  # checksums are in manifest.json
+        run.log_artifact(art, aliases=[result.version, "latest"] if result.latest else [result.version])
+        return run.id
+    finally:
+        run.finish()
+
+
+def publish_from_config(
+    preset: Preset,
+    cfg: PublishConfig | None = None,
+    *,
+    version: str | None = None,
+    work_dir: str | os.PathLike = ".work/publish",
+    repo: str | os.PathLike = ".",
+    force: bool | None = None,
+    exist_ok: bool = False,
+    progress: bool = True,
+) -> PublishResult:
+    """Build the release ``cfg`` (default ``preset.publish``) describes under ``work_dir`` and publish it to
+    ``cfg.url``. ``version`` overrides ``cfg.version``; ``force`` overrides ``cfg.force``."""
+    cfg = cfg or preset.publish
+    store = ReleaseStore(cfg.url, cfg.storage_options)  # opened first: a dead endpoint fails before the build
+    version = check_version(version) if version else resolve_version(cfg.version, store, preset, repo)
+    folder = Path(work_dir) / version
+    build_release(folder, version=version, preset=preset, cfg=cfg, repo=repo, url=cfg.url)
+    result = store.publish(folder, force=cfg.force if force is None else force, exist_ok=exist_ok,
+                           set_latest=cfg.latest, progress=progress)
+    if cfg.wandb:
+        log_wandb_artifact(folder, result, preset, Path(work_dir))
+    shutil.rmtree(folder)  # the store holds it now; a failed publish keeps the folder for inspection
+    return result

@@ -1,0 +1,218 @@
+"""``train_dmd``: distil an AR student into a few-step student with DMD (see :mod:`longlive.diffusion.dmd`).
+
+One run distils one AR variant (t2v or i2v) into one student (a step list such as 4 or 2 steps):
+
+* generator: the AR export ``models/ar/{variant}`` (weights and block layout), trained in full or
+  through LoRA adapters (``dmd.lora``), its EMA exported;
+* real score: the frozen base teacher (``models/base/dit``), in bf16 on CUDA (``frozen_dtype``);
+* fake score: a critic initialised from the same teacher, trained alongside.
+
+A loop step is one critic update on a fresh self-forcing rollout; every ``critic_updates``-th step
+also updates the generator through the DMD gradient of that rollout (one AdamW, one parameter group
+per model, see ``run_training``). Prompts are the dataset's first-shot captions: the teacher was
+trained on single-shot clips, and a batch shares one cache layout. I2V rollouts start from the clip's
+clean first latent frame, which is left out of both losses.
+
+Export ``out_dir``: ``dit/`` (the EMA generator; with LoRA the frozen AR weights, and the adapters in
+``lora.safetensors`` beside ``dit/`` -- merge them with ``longlive.models.lora`` or let inference do it)
+and ``ar_config.json`` with the student's step list, so ``longlive generate`` runs it as trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+from longlive.config import DMDConfig, Preset
+from longlive.diffusion import dmd, flow
+from longlive.models.dit import Block, WanDiT
+from longlive.models.lora import apply_lora, has_lora, save_adapter
+from longlive.models.text import load_text_encoder
+from longlive.models.wan_adapter import load_dit, save_dit
+from longlive.train.ar import AR_CONFIG_NAME, Clip, ShardClips, _file_stamp
+from longlive.train.ema import EMA
+from longlive.train.loop import resolve_device, run_training, write_history
+
+log = logging.getLogger(__name__)
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def first_shot_batch(clips: list[Clip]) -> tuple[Tensor, Tensor]:
+    """x0 (B, C, F, h, w) float32 and each clip's first caption (B, L, D) float32."""
+    return torch.stack([c.latents for c in clips]).float(), torch.stack([c.text[0] for c in clips]).float()
+
+
+def layout_from_ar_config(ar_config: dict, denoising_steps: list[int], shift: float) -> dmd.RolloutLayout:
+    return dmd.RolloutLayout(
+        block_sizes=list(ar_config["train_block_sizes"]),
+        sigmas=flow.step_list_sigmas(denoising_steps, shift),
+        sink_frames=int(ar_config.get("sink_frames") or 0),
+        window_frames=ar_config.get("window_frames"),
+        max_block_position=ar_config.get("max_block_position"),
+        image_first=bool(ar_config["i2v"] and ar_config["independent_first_frame"]),
+    )
+
+
+class DMDModels(torch.nn.Module):
+    """The two trained models in one module, so the shared loop checkpoints and resumes both."""
+
+    def __init__(self, generator: WanDiT, critic: WanDiT) -> None:
+        super().__init__()
+        self.generator, self.critic = generator, critic
+
+
+def dmd_step_losses(
+    models: DMDModels, teacher: WanDiT, layout: dmd.RolloutLayout, cfg: DMDConfig, x_data: Tensor,
+    context: Tensor, null_context: Tensor, g: torch.Generator, *, update_generator: bool,
+) -> tuple[Tensor, dict[str, float]]:
+    """One DMD step's loss (critic, plus the generator's when ``update_generator``) and its metrics."""
+    B, _, F = x_data.shape[:3]
+    device = x_data.device
+    frame_mask = torch.ones(B, F, device=device)
+    image = None
+    if layout.image_first:
+        image, frame_mask[:, 0] = x_data[:, :, :1], 0.0
+    exit_step = int(torch.randint(0, len(layout.sigmas), (1,), generator=g))
+    x = dmd.rollout(models.generator, tuple(x_data.shape), context, layout, g, exit_step=exit_step, image=image,
+                    grad=update_generator, device=device)
+    metrics: dict[str, float] = {"exit_step": float(exit_step)}
+    loss = torch.zeros((), device=device)
+    if update_generator:
+        sigma = dmd.sample_dmd_sigma(B, cfg.timestep_shift, cfg.min_timestep, cfg.max_timestep, g).to(device)
+        x_t = flow.add_noise(x.detach(), torch.randn(x.shape, generator=g).to(device), sigma)
+        with torch.no_grad():
+            x0_real = dmd.score_x0(teacher, x_t, sigma, context, null_context=null_context,
+                                   guidance_scale=cfg.guidance_scale)
+            x0_fake = dmd.score_x0(models.critic, x_t, sigma, context)
+        grad = dmd.dmd_gradient(x.detach(), x0_real, x0_fake, frame_mask)
+        g_loss = dmd.generator_loss(x, grad)
+        loss = loss + g_loss
+        metrics.update(generator_loss=g_loss.item(), dmd_grad_abs=grad.abs().mean().item())
+    x = x.detach()
+    sigma = dmd.sample_dmd_sigma(B, cfg.timestep_shift, cfg.min_timestep, cfg.max_timestep, g).to(device)
+    eps = torch.randn(x.shape, generator=g).to(device)
+    v = models.critic(flow.add_noise(x, eps, sigma), flow.timestep(sigma), context)
+    c_loss = dmd.critic_loss(v, x, eps, frame_mask)
+    metrics["critic_loss"] = c_loss.item()
+    return loss + c_loss, metrics
+
+
+def train_dmd(
+    preset: Preset, variant: str, student: str, *, ar_dir: str | os.PathLike, base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike, work_dir: str | os.PathLike, plots_dir: str | os.PathLike,
+    shards_url: str | None = None, null_context: Tensor | None = None,
+) -> dict:
+    """Distil ``ar_dir`` (a train_ar export) into the ``student`` step list; returns the metrics."""
+    cfg = preset.dmd
+    if cfg is None:
+        raise ValueError(f"preset {preset.name} has no dmd section in params.yaml")
+    if student not in cfg.students:
+        raise KeyError(f"unknown student {student!r}; dmd.students has {sorted(cfg.students)}")
+    ar_dir, base_dir, out_dir, work_dir, plots_dir = map(Path, (ar_dir, base_dir, out_dir, work_dir, plots_dir))
+    cfg_path = ar_dir / AR_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: train_dmd starts from a train_ar export; "
+                                f"run `dvc repro train_ar@{variant}` first")
+    ar_config = json.loads(cfg_path.read_text())
+    steps = cfg.students[student]
+    layout = layout_from_ar_config(ar_config, steps, cfg.timestep_shift)
+    device = resolve_device(preset.device)
+
+    data = ShardClips(shards_url or preset.encode.url, preset.ar.shards_in_memory)
+    if null_context is None:
+        text_path = preset.text.path if preset.text.kind == "umt5" else base_dir / "text"
+        with torch.no_grad():
+            null_context = load_text_encoder(preset.text, text_path).encode([""])[0][0].float().cpu()
+    null_context = null_context.to(device)
+
+    generator = load_dit(ar_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
+    teacher = load_dit(base_dir / "dit", dtype=frozen_dtype(cfg.frozen_dtype, device), expect=preset.dit).to(device)
+    teacher.requires_grad_(False).eval()
+    critic = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
+    if cfg.lora is not None:
+        apply_lora(generator, cfg.lora)
+    if cfg.activation_checkpointing:
+        # The critic only: its forward is a plain bidirectional pass. The generator's differentiated step
+        # reads the rollout's KV cache, which later blocks change before backward, so a recomputed forward
+        # would see another cache; the rollout already keeps just one forward per block for backward.
+        apply_activation_checkpointing(critic, check_fn=lambda mod: isinstance(mod, Block))
+    models = DMDModels(generator, critic)
+    ema = EMA(generator, cfg.ema.decay, cfg.ema.start_step)
+    groups = [{"name": "generator", "params": list(generator.parameters()), "lr": cfg.train.lr},
+              {"name": "critic", "params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.train.lr}]
+
+    def loss_fn(step: int, g: torch.Generator):
+        x_data, context = first_shot_batch(data.sample(cfg.train.batch_size, g))
+        return dmd_step_losses(models, teacher, layout, cfg, x_data.to(device), context.to(device), null_context, g,
+                               update_generator=step % cfg.critic_updates == 0)
+
+    fingerprint = json.dumps({"data": data.fingerprint, "ar": _file_stamp(ar_dir / "dit"),
+                              "base": _file_stamp(base_dir / "dit"), "student": steps,
+                              "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
+    t0 = time.time()
+    history = run_training(
+        f"train_dmd-{variant}-{student}", models, loss_fn, cfg.train, work_dir, seed=preset.seed,
+        grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every, data_fingerprint=fingerprint, ema=ema,
+        precision=cfg.precision, tracking=preset.tracking, param_groups=groups,
+        run_config={"preset": preset.name, "variant": variant, "student": student, "denoising_steps": steps},
+    )
+    wall = time.time() - t0
+
+    ema.copy_to(generator)
+    export(generator, cfg, ar_config, steps, out_dir)
+    critic_hist = [{"step": r["step"], "loss": r["critic_loss"]} for r in history if math.isfinite(r.get("critic_loss", math.nan))]
+    gen_hist = [{"step": r["step"], "loss": r["dmd_grad_abs"]} for r in history if math.isfinite(r.get("dmd_grad_abs", math.nan))]
+    write_history(critic_hist, plots_dir / "critic_loss.json")
+    write_history(gen_hist, plots_dir / "dmd_grad.json")
+    tail = max(1, len(critic_hist) // 10)
+    metrics = {
+        "steps": cfg.train.steps,
+        "denoising_steps": len(steps),
+        "critic_loss_first": float(np.mean([r["loss"] for r in critic_hist[:tail]])) if critic_hist else math.nan,
+        "critic_loss_final": float(np.mean([r["loss"] for r in critic_hist[-tail:]])) if critic_hist else math.nan,
+        "dmd_grad_final": float(np.mean([r["loss"] for r in gen_hist[-max(1, len(gen_hist) // 10):]])) if gen_hist else math.nan,
+        "wall_time_s": round(wall, 2),
+        "lora": cfg.lora is not None,
+    }
+    log.info("train_dmd %s %s on %s: %s", variant, student, device, metrics)
+    for name in ("checkpoint.pt", "checkpoint.pt.stale"):
+        (work_dir / name).unlink(missing_ok=True)
+    return metrics
+
+
+def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int], out_dir: Path) -> None:
+    """``out_dir/dit`` (+ ``lora.safetensors``) and ``ar_config.json`` with the student's step list."""
+    plain = copy.deepcopy(generator)
+    if has_lora(plain):
+        from longlive.models.lora import LoRALinear, _set
+
+        for name, m in list(plain.named_modules()):  # the frozen base weights, adapters saved apart
+            if isinstance(m, LoRALinear):
+                _set(plain, name, m.base)
+    save_dit(plain, out_dir / "dit")
+    if has_lora(generator):
+        save_adapter(generator, cfg.lora, out_dir)
+    student_config = {**ar_config, "denoising_steps": list(steps), "timestep_shift": cfg.timestep_shift,
+                      "denoising_sigmas": [round(s, 6) for s in flow.step_list_sigmas(steps, cfg.timestep_shift).tolist()],
+                      "distilled": "dmd", "ar_denoising_steps": ar_config["denoising_steps"]}
+    tmp = out_dir / (AR_CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(student_config, indent=2) + "\n")
+    os.replace(tmp, out_dir / AR_CONFIG_NAME)
+
+
+__all__ = ["train_dmd", "dmd_step_losses", "DMDModels", "layout_from_ar_config", "first_shot_batch", "export"]
