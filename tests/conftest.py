@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +11,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+
+# Without a GPU the Triton kernels (kernels/) are tested in Triton's CPU interpreter. It must be on before
+# anything imports triton.language (torchao does): triton decides at that import whether its own
+# helpers (tl.max, ...) are compiled or interpreted, and compiled ones cannot run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from longlive.config import Preset, load_preset
 
