@@ -15,7 +15,9 @@ from longlive.config import ConfigError, Preset, load_preset
 
 def setup(stage: str) -> Preset:
     """Configure logging and load the preset; a config error exits with its message, not a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # Under torchrun every process runs the stage: only rank 0 logs progress, the others warnings and errors.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
     try:
         preset = load_preset()
     except ConfigError as e:

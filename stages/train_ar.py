@@ -4,6 +4,7 @@
 import sys
 from pathlib import Path
 
+from longlive.parallel import parallel_session
 from longlive.train.ar import train_ar
 from stages._common import setup, write_json
 
@@ -15,16 +16,20 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1 or args[0] not in variants:
         sys.exit(f"usage: python -m stages.train_ar VARIANT, with VARIANT one of {variants} (ar.variants in params.yaml)")
     variant = args[0]
-    result = train_ar(
-        preset,
-        variant,
-        shards_url=preset.encode.url,
-        base_dir=Path("models/base"),
-        out_dir=Path("models/ar") / variant,
-        work_dir=Path(".work/train_ar") / variant,  # resume state for an interrupted run; outside DVC's outs
-        plots_dir=Path("reports/train_ar") / variant,
-    )
-    write_json(Path("reports/train_ar") / variant / "metrics.json", result.metrics)
+    # One process, or one of parallel.nproc x nnodes under torchrun (python -m longlive.parallel.launch).
+    with parallel_session(preset.parallel, device=preset.device) as parallel:
+        result = train_ar(
+            preset,
+            variant,
+            shards_url=preset.encode.url,
+            base_dir=Path("models/base"),
+            out_dir=Path("models/ar") / variant,
+            work_dir=Path(".work/train_ar") / variant,  # resume state for an interrupted run; outside DVC's outs
+            plots_dir=Path("reports/train_ar") / variant,
+            parallel=parallel,
+        )
+        if parallel.is_main:
+            write_json(Path("reports/train_ar") / variant / "metrics.json", result.metrics)
 
 
 if __name__ == "__main__":

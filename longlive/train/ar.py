@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from longlive.models.dit import WanDiT
 from longlive.models.text import load_text_encoder
 from longlive.models.wan_adapter import load_dit, save_dit
 from longlive.quant.convert import apply_qat
+from longlive.parallel import ParallelState, parallelize, plain_copy
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, resolve_device, run_training, write_history
 
@@ -363,6 +365,7 @@ def train_ar(
     work_dir: str | os.PathLike,
     plots_dir: str | os.PathLike,
     null_context: Tensor | None = None,
+    parallel: ParallelState | None = None,
 ) -> ARResult:
     """Train one variant; write ``out_dir/{dit/, ar_config.json}`` and ``plots_dir/loss.json``.
 
@@ -370,13 +373,16 @@ def train_ar(
     caption dropout; by default it is computed with the preset's text encoder (``base_dir/text`` for
     the tiny encoder). Resume state lives in ``work_dir`` (``checkpoint.pt``, removed after success;
     offline wandb runs under ``work_dir/wandb`` stay for ``wandb sync``).
+    ``parallel`` (from :func:`longlive.parallel.init_parallel`, e.g. under torchrun): sequence parallel
+    and FSDP2 over its ranks, a sharded ``checkpoint.dcp`` that resumes at any world size, outputs
+    written by the main rank. None: one process.
     """
     cfg = preset.ar
     if variant_name not in cfg.variants:
         raise KeyError(f"unknown train_ar variant {variant_name!r}; params.yaml ar.variants has {sorted(cfg.variants)}")
     variant = cfg.variants[variant_name]
     base_dir, out_dir, work_dir, plots_dir = map(Path, (base_dir, out_dir, work_dir, plots_dir))
-    device = resolve_device(preset.device)
+    device = parallel.device if parallel is not None else resolve_device(preset.device)
 
     data = ShardClips(shards_url, cfg.shards_in_memory)
     if null_context is None:
@@ -387,6 +393,8 @@ def train_ar(
     model = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
     if preset.quant.qat:  # NVFP4 fake quantization (QAT); same parameters, so the export stays plain weights
         apply_qat(model, preset.quant)
+    if parallel is not None:  # after module swaps (QAT): SP wraps activations, FSDP shards the weights
+        parallelize(model, parallel, training=True)
     C, F, h, w = data.first().latents.shape
     if (C, F, h, w) != preset.latent_shape:
         raise ValueError(f"shard latents are {(C, F, h, w)}, the preset expects {preset.latent_shape}; re-encode")
@@ -409,6 +417,7 @@ def train_ar(
         grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every, data_fingerprint=fingerprint, ema=ema,
         grad_accum=cfg.grad_accum, precision=cfg.precision, tracking=preset.tracking,
         run_config={"preset": preset.name, "variant": variant_name, **inference_config(preset, variant_name)},
+        parallel=parallel,
     )
     wall = time.time() - t0
 
@@ -416,9 +425,11 @@ def train_ar(
     ema.copy_to(model)
     eval_ema = evaluate(model, data, null_context, cfg, variant, masks, device, preset.seed)
 
-    save_dit(model, out_dir / "dit")
-    (out_dir / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, variant_name), indent=2) + "\n")
-    write_history(history, plots_dir / "loss.json")
+    export = plain_copy(model, parallel) if parallel is not None and parallel.distributed else model
+    if export is not None:  # the main rank (every rank gathered its shards for it)
+        save_dit(export, out_dir / "dit")
+        (out_dir / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, variant_name), indent=2) + "\n")
+        write_history(history, plots_dir / "loss.json")
     tail = max(1, len(history) // 10)
     metrics = {  # numbers only: DVC metrics and the Prefect table
         "steps": cfg.train.steps,
@@ -431,8 +442,11 @@ def train_ar(
         "params": model.num_params(),
     }
     log.info("train_ar %s on %s: %s", variant_name, device, metrics)
-    for name in ("checkpoint.pt", "checkpoint.pt.stale"):  # resume state served its purpose (see run_training)
-        (work_dir / name).unlink(missing_ok=True)
+    if parallel is None or parallel.is_main:
+        for name in ("checkpoint.pt", "checkpoint.pt.stale"):  # resume state served its purpose (see run_training)
+            (work_dir / name).unlink(missing_ok=True)
+        for name in ("checkpoint.dcp", "checkpoint.dcp.stale"):  # the sharded form (run_training with parallel)
+            shutil.rmtree(work_dir / name, ignore_errors=True)
     return ARResult(model, history, metrics)
 
 

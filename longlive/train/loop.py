@@ -15,9 +15,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from tqdm.auto import tqdm
 from longlive.config import TrackingConfig, TrainConfig
 from longlive.train.ema import EMA
 from longlive.train.tracking import NullTracker, Tracker, start_tracking
+
+if TYPE_CHECKING:
+    from longlive.parallel.mesh import ParallelState
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,10 @@ class TrainingError(RuntimeError):
     pass
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, replica: int = 0) -> torch.Generator:
+    """The generator of one step; data-parallel ``replica`` r > 0 draws its own batches (SP ranks of one
+    replica share its generator, so they see the same sample)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + replica * 1_000_000_007)
 
 
 def lr_factor(step: int, total: int, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
@@ -78,6 +84,27 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor (a norm over FSDP-sharded gradients) as a plain tensor; others unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _any_rank(flag: bool, parallel) -> bool:
+    if parallel is None:
+        return flag
+    from longlive.parallel.mesh import any_true
+
+    return any_true(flag, parallel)
+
+
+def _mean_over_ranks(value: float, parallel) -> float:
+    if parallel is None:
+        return value
+    from longlive.parallel.mesh import all_mean
+
+    return all_mean(value, parallel)
+
+
 def run_training(
     name: str,
     model: nn.Module,
@@ -95,6 +122,7 @@ def run_training(
     tracking: TrackingConfig | None = None,
     run_config: dict | None = None,
     param_groups: list[dict] | None = None,
+    parallel: "ParallelState | None" = None,
 ) -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoint.pt`` if present.
 
@@ -113,11 +141,17 @@ def run_training(
     is logged). Parameters without a gradient in a step (a group whose loss was not computed) are left
     untouched by AdamW. Default: every trainable parameter of ``model`` in one group at ``cfg.lr``.
 
+    parallel: the process layout (:func:`longlive.parallel.init_parallel`) when the model was wrapped by
+    :func:`longlive.parallel.parallelize`. The checkpoint is then a DCP directory ``checkpoint.dcp``
+    (sharded; it resumes at any world size, one process included); data-parallel replicas draw their own
+    batches; only the main rank logs, tracks and shows progress. None: one process, ``checkpoint.pt``.
+
     Returns the full loss history (one dict per logged step), also kept in the checkpoint.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = run_dir / ("checkpoint.dcp" if parallel is not None else "checkpoint.pt")
+    main = parallel is None or parallel.is_main
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"{name}: the model has no trainable parameters")
@@ -144,7 +178,25 @@ def run_training(
         fingerprint["autocast"] = str(amp_dtype)
 
     start, history, run_id = 0, [], None
-    if ckpt_path.exists():
+    if parallel is not None:
+        from longlive.parallel import checkpoint as sharded
+
+        if sharded.exists(ckpt_path):
+            meta = sharded.read_meta(ckpt_path)
+            if meta.get("fingerprint") == fingerprint:
+                sharded.load(ckpt_path, model, opt, extra=ema.shadow if ema is not None else None)
+                sched.load_state_dict(meta["scheduler"])
+                start, history, run_id = meta["step"], meta["history"], meta.get("wandb_id")
+                log.info("%s: resuming from step %d (%s)", name, start, ckpt_path)
+            else:
+                parallel.barrier()  # every rank has read the old fingerprint before it moves
+                if main:
+                    stale = ckpt_path.with_name("checkpoint.dcp.stale")
+                    shutil.rmtree(stale, ignore_errors=True)
+                    os.replace(ckpt_path, stale)
+                    log.warning("%s: %s was written with other settings or data; starting over", name, ckpt_path)
+                parallel.barrier()
+    elif ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
@@ -159,10 +211,15 @@ def run_training(
             log.warning("%s: %s was written with other settings or data; starting over", name, ckpt_path)
 
     tracker: Tracker = NullTracker()
-    if tracking is not None:
+    if tracking is not None and main:
         tracker = start_tracking(name, run_dir, {**(run_config or {}), "train": fingerprint}, tracking, run_id=run_id)
 
     def save(step: int) -> None:
+        if parallel is not None:
+            meta = {"fingerprint": fingerprint, "step": step, "scheduler": sched.state_dict(), "history": history,
+                    "wandb_id": tracker.run_id}
+            sharded.save(ckpt_path, parallel, model, opt, extra=ema.shadow if ema is not None else None, meta=meta)
+            return
         atomic_torch_save(
             {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
@@ -173,16 +230,16 @@ def run_training(
     model.train()
     # In a log (dvc repro, Prefect, CI) every redraw is a new line: update a few times a minute there.
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0)
+               mininterval=0.5 if sys.stderr.isatty() else 15.0, disable=not main)
     try:
         for step in bar:
-            g = step_generator(seed, step)
+            g = step_generator(seed, step, parallel.dp_rank if parallel is not None else 0)
             opt.zero_grad(set_to_none=True)
             loss_sum, metric_sums = 0.0, {}
             for _ in range(grad_accum):
                 with autocast(precision, device):
                     loss, metrics = loss_fn(step, g)
-                if not torch.isfinite(loss):
+                if _any_rank(not bool(torch.isfinite(loss)), parallel):  # every rank stops together
                     save(step)  # keep the last good state for inspection
                     raise TrainingError(
                         f"{name}: loss is {loss.item()} at step {step}; lower lr (now {cfg.lr}) or check the data. "
@@ -192,7 +249,7 @@ def run_training(
                 loss_sum += loss.item()
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            norms = {g["name"]: torch.nn.utils.clip_grad_norm_(g["params"], grad_clip) for g in groups}
+            norms = {g["name"]: _full(torch.nn.utils.clip_grad_norm_(g["params"], grad_clip)) for g in groups}
             grad_norm = torch.stack(list(norms.values())).norm()
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -200,6 +257,7 @@ def run_training(
             if ema is not None:
                 ema.update(step)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                loss_sum = _mean_over_ranks(loss_sum, parallel)  # data-parallel replicas see other batches
                 rec = {"step": step, "loss": loss_sum / grad_accum, "grad_norm": float(grad_norm), "lr": lr,
                        **{k: v / grad_accum for k, v in metric_sums.items()}}
                 if len(groups) > 1:
