@@ -13,6 +13,8 @@ Layouts: codes packed two per byte, lower index in the low nibble, (R, K/2) uint
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK = 16
@@ -61,12 +63,19 @@ def quantize_rows(
     return codes[:, 0::2] | (codes[:, 1::2] << 4), scale
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """The 16 E2M1 values on ``device``, made once: a host-to-device copy per call would make every read of
+    the NVFP4 KV cache (30 layers x K and V per forward) wait for the GPU."""
+    return torch.tensor(E2M1_VALUES, device=device)
+
+
 def dequantize_rows(
     packed: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_rows`: (R, K/2) codes, (R, K/16) scales, global () or (R,) -> (R, K)."""
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-    values = torch.tensor(E2M1_VALUES, device=packed.device)[codes.long()].unflatten(-1, (-1, BLOCK))
+    values = _e2m1_table(packed.device)[codes.long()].unflatten(-1, (-1, BLOCK))
     g = g.float().reshape(-1, 1) if g.dim() else g.float()
     scale = g * scales.float()  # global * block scale first, then the element (torchao's order)
     return (values * scale.unsqueeze(-1)).flatten(-2).to(dtype)
@@ -79,5 +88,5 @@ def dequantize_rows_f16(packed: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     """(R, K) float16 ``code * block_scale * 2**-14`` (exact in float16): the GEMM's dequantized A operand;
     times ``2**14 * global`` it is :func:`dequantize_rows`."""
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-    values = torch.tensor(E2M1_VALUES, device=packed.device)[codes.long()].unflatten(-1, (-1, BLOCK))
+    values = _e2m1_table(packed.device)[codes.long()].unflatten(-1, (-1, BLOCK))
     return (values * scales.float().unsqueeze(-1) * DQ16_SCALE).flatten(-2).to(torch.float16)

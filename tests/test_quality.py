@@ -114,9 +114,9 @@ def pipeline_configs(monkeypatch):
     seen = []
 
     class Spy(generate.StreamingPipeline):
-        def __init__(self, dit, cfg, device=None):
+        def __init__(self, dit, cfg, device=None, **kwargs):
             seen.append(cfg)
-            super().__init__(dit, cfg, device)
+            super().__init__(dit, cfg, device, **kwargs)
 
     monkeypatch.setattr(generate, "StreamingPipeline", Spy)
     return seen

@@ -57,9 +57,14 @@ def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.movedim(-1, -4).float().div(127.5).sub(1.0)
 
 
-def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
-    """float (..., 3, T, H, W) in [-1, 1] -> uint8 (..., T, H, W, 3) (clamped, rounded)."""
+def frames_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (..., 3, T, H, W) in [-1, 1] -> uint8 (..., T, H, W, 3) (clamped, rounded), on x's device."""
     if x.ndim < 4 or x.shape[-4] != 3:
         raise ValueError(f"expected a tensor (..., 3, T, H, W), got {tuple(x.shape)}")
     y = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return y.movedim(-4, -1).cpu().numpy()
+    return y.movedim(-4, -1)
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """float (..., 3, T, H, W) in [-1, 1] -> uint8 (..., T, H, W, 3) numpy (clamped, rounded)."""
+    return frames_uint8(x).cpu().numpy()

@@ -148,8 +148,13 @@ def history_mask(blocks: list[int], frame_tokens: int, device: torch.device | st
     The re-cache pass runs all held frames at once with this mask, which gives each frame the K/V
     context it would have had if the held frames were written block by block from scratch.
     """
-    b = torch.tensor(blocks, device=device)
-    allowed = b[None, :] <= b[:, None]
+    b = torch.tensor(blocks)
+    allowed = b[None, :] <= b[:, None]  # (frames, frames), decided on the host: no wait for the GPU
     if bool(allowed.all()):
         return None
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":  # a pageable host-to-device copy would wait for the GPU's queue
+        allowed = allowed.pin_memory().to(device, non_blocking=True)
+    else:
+        allowed = allowed.to(device)
     return allowed.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)

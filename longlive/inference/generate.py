@@ -26,6 +26,7 @@ from longlive.models.dit import WanDiT
 from longlive.models.text import TextEncoder, load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.models.lora import load_and_merge_adapter
+from longlive.quant.checkpoint import is_nvfp4_checkpoint, load_nvfp4_dit
 from longlive.models.wan_adapter import load_dit
 
 
@@ -55,10 +56,13 @@ def load_models(
     export_dir = None
     if (checkpoint / "dit").is_dir():  # a train_ar / train_dmd export: dit/ beside ar_config.json
         export_dir, checkpoint = checkpoint, checkpoint / "dit"
-    dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit)
-    # a LoRA-trained student: lora.safetensors beside dit/ (given the export or its dit/ directory)
-    load_and_merge_adapter(dit, export_dir or checkpoint.parent)
-    dit = dit.to(device).eval()
+    if is_nvfp4_checkpoint(checkpoint):  # a quantize-stage export: packed weights, backend picked for the device
+        dit = load_nvfp4_dit(checkpoint, backend=preset.quant.backend, device=device)
+    else:
+        dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit)
+        # a LoRA-trained student: lora.safetensors beside dit/ (given the export or its dit/ directory)
+        load_and_merge_adapter(dit, export_dir or checkpoint.parent)
+        dit = dit.to(device).eval()
     vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
     vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
     text = load_text_encoder(preset.text, base / "text")
@@ -170,10 +174,14 @@ def generate_video(
         if writer is not None:
             writer.append(frames)
         if keep_frames:
-            frames_out.append(frames)
+            frames_out.append(frames.copy())  # on CUDA a view of the decoder's reused pinned buffer
 
-    decoder = BlockDecoder(vae, on_frames, async_decode=cfg.async_decode)
-    blocks, ok = [], False
+    if cfg.kernels:  # the decoder's fused norm + SiLU (bitwise the reference off CUDA)
+        from longlive.inference.fast_vae import apply_vae_kernels
+
+        apply_vae_kernels(vae)
+    decoder = BlockDecoder(vae, on_frames, async_decode=cfg.async_decode, frames_per_call=cfg.vae_frames_per_call)
+    blocks, outputs, ok = [], [], False
     start = time.perf_counter()
     try:
         for block in pipe.stream(plans, contexts, (C, h, w), image_latent=image_latent,
@@ -181,9 +189,12 @@ def generate_video(
             decoder.submit(block.plan.index, block.latents)
             if keep_latents:
                 latents_out.append(block.latents.cpu())
+            # generated_at: when the loop handed the block on (the GPU may still be working on it; the
+            # block's own timings are read after the loop, so reading them never stalls the stream)
             blocks.append({"block": block.plan.index, "start_latent_frame": block.plan.start,
                            "frames": block.plan.frames, "prompt": block.plan.prompt, "shot": block.plan.shot,
-                           **block.timings, "generated_at": time.perf_counter() - start})
+                           "generated_at": time.perf_counter() - start})
+            outputs.append(block)
         decode = decoder.close()
         ok = True
     finally:
@@ -196,6 +207,8 @@ def generate_video(
             writer.close(ok)
     total = time.perf_counter() - start
 
+    for b, block_output in zip(blocks, outputs):
+        b.update(block_output.timings)
     for b, d in zip(blocks, sorted(decode, key=lambda d: d["block"])):
         b["decode_s"] = d["decode_s"]
         b["decoded_at"] = d["done_at"] - start

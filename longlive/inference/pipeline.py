@@ -8,13 +8,20 @@ For each block of the plan (see :mod:`longlive.inference.schedule`):
    sigma ``shift_sigma(t / 1000, shift)`` (the model sees ``1000 * sigma``); the ``renoise`` sampler
    predicts x0 and re-noises it with fresh noise to the next sigma (Self-Forcing / DMD students), the
    ``euler`` sampler takes an ODE step; both end on the x0 prediction at the last step;
-3. **write**: one t=0 pass over the clean block stores its K/V, then the cache evicts and re-bases.
+3. **write**: one t=0 pass over the clean block stores its K/V, then the cache evicts and re-bases
+   (``cache_from_last_step``: the last denoising step writes instead, one forward less per block).
 
 I2V: the image latent is latent frame 0. With ``independent_first_frame`` it is a block of its own
 (only written, never denoised); otherwise it shares the first block, replaces that block's first noisy
 frame at every step (at timestep 0) and in the final output. Either way frame 0 is exactly the image.
 CFG (``guidance_scale != 1``) runs the conditional and unconditional branches as a batch of two, each
 with its own half of the cache.
+
+The loop never waits for the GPU: the dense KV cache is preallocated and updated in place
+(:class:`~longlive.models.attention.DenseKVStorage`), noise goes to the device from pinned host memory
+without blocking, timesteps are made on the device, and timings are CUDA events read only when
+:attr:`BlockOutput.timings` is. ``inference.kernels`` / ``compile`` / ``fp8`` set the model up through
+:func:`longlive.inference.fast.optimize` (in place, once).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from longlive.config import InferenceConfig
 from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
 from longlive.inference.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.inference.schedule import BlockPlan
+from longlive.models.attention import DenseKVStorage
 from longlive.models.dit import WanDiT
 from longlive.quant.kv_cache import make_kv_storage
 
@@ -39,16 +47,34 @@ def step_sigmas(denoising_steps: list[int], shift: float) -> Tensor:
     return torch.cat([step_list_sigmas(denoising_steps, shift), torch.zeros(1)])
 
 
-def _sync(device: torch.device) -> None:
+def _mark(device: torch.device) -> float | torch.cuda.Event:
+    """A point in the chunk loop: a CUDA event on the current stream (no sync), or host time on the CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _seconds(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
 
 
 @dataclass
 class BlockOutput:
     plan: BlockPlan
     latents: Tensor  # (1, C, frames, h, w) clean latents of the block, float32, on the pipeline's device
-    timings: dict = field(default_factory=dict)  # seconds: denoise, cache (write pass), recache
+    marks: dict = field(default_factory=dict)  # phase -> (start, end) marks: denoise, cache (write pass), recache
+    stats: dict = field(default_factory=dict)  # cache_bytes, cache_frames
+
+    @property
+    def timings(self) -> dict:
+        """``{phase}_s`` seconds of GPU (or host) time per phase, plus ``stats``. On CUDA the first read
+        waits for the block's work to finish: read it after the loop, or when the frames are needed anyway."""
+        return {**{f"{phase}_s": _seconds(a, b) for phase, (a, b) in self.marks.items()}, **self.stats}
 
 
 class StreamingPipeline:
@@ -68,16 +94,22 @@ class StreamingPipeline:
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
         self.sigmas = step_sigmas(cfg.denoising_steps, cfg.timestep_shift)
         self.kv_cache = kv_cache
+        if cfg.kernels or cfg.compile or cfg.fp8:
+            from longlive.inference.fast import optimize
+
+            optimize(dit, kernels=cfg.kernels, compile=cfg.compile, fp8=cfg.fp8)
         self.cache = self.new_cache()
 
     def new_cache(self) -> RollingKVCache:
-        c = self.cfg
+        c, layers = self.cfg, len(self.dit.blocks)
+        max_frames = c.sink_frames + c.window_frames + c.block_frames  # sink + window after eviction, plus the new block
+        storage = make_kv_storage(self.kv_cache, layers, max_frames)
+        if storage is None:  # dense: preallocated and updated in place rather than concatenated per layer and step
+            storage = DenseKVStorage(layers, max_frames)
         return RollingKVCache(
-            len(self.dit.blocks), c.sink_frames, c.window_frames,
+            layers, c.sink_frames, c.window_frames,
             multishot_sink=c.multishot_sink, shot_rope_offset=c.multishot_rope_offset,
-            max_block_position=c.max_block_position,
-            # sink + window after eviction, plus the block being written
-            storage=make_kv_storage(self.kv_cache, len(self.dit.blocks), c.sink_frames + c.window_frames + c.block_frames),
+            max_block_position=c.max_block_position, storage=storage,
         )
 
     @property
@@ -96,7 +128,8 @@ class StreamingPipeline:
         return torch.cat((x, x)) if self.cfg_on else x
 
     def velocity(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor) -> Tensor:
-        """Model velocity for (1, C, n, h, w) ``x`` at per-frame timesteps ``t`` (n,), reading the cache."""
+        """Model velocity for (1, C, n, h, w) ``x`` at per-frame timesteps ``t`` (n,), reading the cache
+        (and writing it, inside ``cache.writing()``)."""
         xb = self._batch(x).to(self.device)
         tb = t.to(self.device)[None].expand(xb.shape[0], -1)
         v = self.dit(xb, tb, context, kv_cache=self.cache, frame_positions=positions).float()
@@ -130,13 +163,24 @@ class StreamingPipeline:
             self.dit(x, torch.zeros(x.shape[0], x.shape[2], device=self.device), context,
                      kv_cache=cache, frame_positions=positions, attn_mask=mask)
 
+    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Gaussian noise from the CPU ``generator`` (the same video on any device), on the device without a
+        host sync: drawn into pinned memory and copied asynchronously (PyTorch's pinned-memory cache keeps
+        the buffer until the copy has finished, so no copy reads a buffer being refilled)."""
+        if self.device.type != "cuda":
+            return torch.randn(shape, generator=generator).to(self.device)
+        host = torch.empty(shape, pin_memory=True)
+        torch.randn(shape, generator=generator, out=host)
+        return host.to(self.device, non_blocking=True)
+
     @torch.no_grad()
     def denoise(
         self, noise: Tensor, context: Tensor, positions: Tensor, generator: torch.Generator,
-        known: Tensor | None = None,
+        known: Tensor | None = None, *, write_last: bool = False,
     ) -> Tensor:
         """Few-step denoising of one block from ``noise`` (1, C, n, h, w); ``known`` (1, C, k, h, w) are
-        clean leading frames (the I2V image) that replace the noisy ones at every step, at timestep 0."""
+        clean leading frames (the I2V image) that replace the noisy ones at every step, at timestep 0.
+        ``write_last``: the last step also writes its K/V to the cache (``cache_from_last_step``)."""
         x = noise.to(self.device, torch.float32)
         n, k = x.shape[2], 0 if known is None else known.shape[2]
         if k:
@@ -145,17 +189,20 @@ class StreamingPipeline:
         for i, (s, s_next) in enumerate(zip(self.sigmas[:-1].tolist(), self.sigmas[1:].tolist())):
             if k:
                 x[:, :, :k] = known
-            t = torch.full((n,), s * NUM_TRAIN_TIMESTEPS)
+            t = torch.full((n,), s * NUM_TRAIN_TIMESTEPS, device=self.device)  # made on the device: no copy
             t[:k] = 0.0
-            v = self.velocity(x, t, context, positions)
+            if write_last and s_next == 0:
+                with self.cache.writing():
+                    v = self.velocity(x, t, context, positions)
+            else:
+                v = self.velocity(x, t, context, positions)
             x0 = x - s * v
             if k:
                 x0[:, :, :k] = known
             if s_next == 0:
                 break
             if self.cfg.sampler == "renoise":
-                fresh = torch.randn(x.shape, generator=generator).to(self.device)
-                x = (1 - s_next) * x0 + s_next * fresh
+                x = (1 - s_next) * x0 + s_next * self._noise(x.shape, generator)
             else:
                 x = x + (s_next - s) * v
         return x0
@@ -181,38 +228,37 @@ class StreamingPipeline:
         C, h, w = latent_shape
         shot_start = 0
         for plan in plans:
-            timings: dict = {}
+            marks: dict = {}
             context = self._context(contexts[plan.prompt], null_context)
             if plan.new_shot:
                 shot_start = plan.start
             if plan.switch and self.cfg.recache_on_switch and self.cache.frames:
-                t0 = time.perf_counter()
+                start = _mark(self.device)
                 self.recache(context)
-                _sync(self.device)
-                timings["recache_s"] = time.perf_counter() - t0
+                marks["recache"] = (start, _mark(self.device))
             positions = self.cache.next_positions(plan.frames, plan.shot)
 
             known = None
             if image_latent is not None and plan.start == 0:
                 known = image_latent.to(self.device, torch.float32)
-            t0 = time.perf_counter()
-            noise = torch.randn((1, C, plan.frames, h, w), generator=generator)
+            start = _mark(self.device)
+            noise = self._noise((1, C, plan.frames, h, w), generator)
+            written = False
             if known is not None and known.shape[2] >= plan.frames:
                 x0 = known[:, :, : plan.frames].clone()  # the image alone: nothing to denoise
             else:
-                x0 = self.denoise(noise, context, positions, generator, known)
-            _sync(self.device)
-            timings["denoise_s"] = time.perf_counter() - t0
+                written = self.cfg.cache_from_last_step
+                x0 = self.denoise(noise, context, positions, generator, known, write_last=written)
+            marks["denoise"] = (start, _mark(self.device))
 
-            t0 = time.perf_counter()
-            self.write(x0, context, positions)
+            start = _mark(self.device)
+            if not written:
+                self.write(x0, context, positions)
             self.cache.commit([
                 FrameRecord(plan.start + i, plan.index, plan.shot, plan.start + i - shot_start,
                             x0[:, :, i : i + 1])
                 for i in range(plan.frames)
             ])
-            _sync(self.device)
-            timings["cache_s"] = time.perf_counter() - t0
-            timings["cache_bytes"] = self.cache.cache_bytes()
-            timings["cache_frames"] = self.cache.held_frames()
-            yield BlockOutput(plan, x0, timings)
+            marks["cache"] = (start, _mark(self.device))
+            stats = {"cache_bytes": self.cache.cache_bytes(), "cache_frames": self.cache.held_frames()}
+            yield BlockOutput(plan, x0, marks, stats)

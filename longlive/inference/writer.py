@@ -4,7 +4,9 @@
 ``async_decode`` a worker thread decodes block k while the caller denoises block k+1; blocks are decoded
 strictly in order (the decoder's causal cache needs that), so the frames are the same as a synchronous
 decode. On CUDA the worker runs on its own stream and waits for an event recorded when each block was
-submitted, so the DiT's stream is never blocked by the VAE.
+submitted, so the DiT's stream is never blocked by the VAE. Decoded frames reach the host through one
+pinned buffer, reused block after block (a pageable device-to-host copy goes through the driver's
+staging buffers in chunks, and pinning a fresh buffer per block would cost more than the copy).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from longlive.data.video_io import tensor_to_frames
+from longlive.data.video_io import frames_uint8, tensor_to_frames
 from longlive.models.vae import WanVAE
 
 
@@ -58,6 +60,9 @@ class Mp4Stream:
 class BlockDecoder:
     """Decode blocks of normalised latents in order and hand uint8 (T, H, W, 3) frames to ``on_frames``.
 
+    On CUDA the frames handed over are a view of the pinned host buffer, valid until ``on_frames``
+    returns (the next block reuses it): write them out, or copy them to keep them.
+
     ``submit(index, latents)`` queues (1, C, n, h, w) latents; ``close()`` waits for the rest and
     returns ``timings``: one ``{"block", "decode_s", "done_at"}`` per block (``done_at`` from
     ``time.perf_counter()``). A failure in the worker is raised by the next ``submit`` or ``close``.
@@ -71,12 +76,16 @@ class BlockDecoder:
         device: torch.device | str | None = None,
         async_decode: bool = True,
         max_pending: int = 4,
+        frames_per_call: int = 1,
     ) -> None:
+        """``frames_per_call``: latent frames per decoder call after the first (see
+        :class:`~longlive.models.vae.StreamingDecoder`)."""
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device
-        self.decoder = vae.streaming_decoder()
+        self.decoder = vae.streaming_decoder(frames_per_call=frames_per_call)
         self.on_frames, self.async_decode = on_frames, async_decode
         self.timings: list[dict] = []
         self._error: BaseException | None = None
+        self._host: torch.Tensor | None = None  # pinned uint8 frames of the last block (CUDA)
         self._stream = torch.cuda.Stream(self.device) if async_decode and self.device.type == "cuda" else None
         if async_decode:
             self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -88,10 +97,18 @@ class BlockDecoder:
         with torch.no_grad():
             video = self.decoder.decode(latents.to(self.device))
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        frames = tensor_to_frames(video[0])
+            frames = self._to_host(frames_uint8(video[0]))
+        else:
+            frames = tensor_to_frames(video[0])
         self.timings.append({"block": index, "decode_s": time.perf_counter() - t0, "done_at": time.perf_counter()})
         self.on_frames(index, frames)
+
+    def _to_host(self, frames: Tensor) -> np.ndarray:
+        if self._host is None or self._host.shape != frames.shape:
+            self._host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+        self._host.copy_(frames, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()  # this (decode) stream only
+        return self._host.numpy()
 
     def _work(self) -> None:
         while True:

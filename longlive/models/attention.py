@@ -7,12 +7,15 @@ token of its own block and of earlier blocks. Block boundaries count from frame 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -175,6 +178,12 @@ class KVCache:
             self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def held(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The held (un-rotated) K and V of ``layer``, each (B, tokens, heads, head_dim); None when empty."""
+        if self.storage is not None:
+            return self.storage.held(layer)
+        return None if self.k[layer] is None else (self.k[layer], self.v[layer])
+
     def advance(self, positions: Tensor) -> None:
         """Called by the model once per forward, after all layers, with the new frames' positions."""
         if self.write:
@@ -207,3 +216,126 @@ class KVCache:
         if self.storage is not None:
             return self.storage.nbytes()
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class DenseKVStorage:
+    """Dense K/V of every layer in preallocated buffers, updated in place (a ``storage`` for :class:`KVCache`).
+
+    Per layer, K and V are (B, capacity, heads, head_dim) buffers in the model's dtype; the held tokens
+    are rows ``0 .. length``. :meth:`update` copies the new K/V into the rows right after the held ones
+    and returns *views* ``[:, :length + new]``, so attention reads cached-then-new tokens with no
+    ``torch.cat`` (which would copy the whole cache on every layer of every step); only a writing pass
+    advances ``length``, so a denoising step's rows are simply overwritten by the next step. Eviction
+    (:meth:`keep`) moves the kept frames down in place (compaction: a contiguous run moves in chunks no
+    longer than its shift, so source and destination never overlap within one copy).
+
+    Capacity: ``max_frames`` frames (the rolling cache's sink + window + block) once the first write has
+    told the storage how many tokens a frame has -- one reallocation, during the first block; a later
+    write that needs more grows geometrically and logs it. Values equal the list-of-tensors cache's
+    exactly (the same numbers in the same order), so results do not change.
+    """
+
+    def __init__(self, num_layers: int, max_frames: int | None = None) -> None:
+        self.num_layers, self.max_frames = num_layers, max_frames
+        self.k: list[Tensor | None] = [None] * num_layers
+        self.v: list[Tensor | None] = [None] * num_layers
+        self.length = [0] * num_layers
+        self.tokens_per_frame: int | None = None
+        self.reallocations = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor, write: bool) -> tuple[Tensor, Tensor]:
+        n, S = self.length[layer], k.shape[1]
+        kb = self.k[layer]
+        if n and ((kb.shape[0], *kb.shape[2:]) != (k.shape[0], *k.shape[2:]) or kb.dtype != k.dtype):
+            raise ValueError(f"K/V of shape {tuple(k.shape)} ({k.dtype}) written to a cache holding "
+                             f"{(kb.shape[0], '*', *kb.shape[2:])} ({kb.dtype}); reset it first")
+        if not n and not write:
+            return k, v  # nothing held: attend to the new tokens as they are
+        self._reserve(layer, n + S, k)
+        kb, vb = self.k[layer], self.v[layer]
+        kb[:, n : n + S] = k
+        vb[:, n : n + S] = v
+        if write:
+            self.length[layer] = n + S
+        return kb[:, : n + S], vb[:, : n + S]
+
+    def frames_written(self, num_frames: int) -> None:
+        """The cache holds ``num_frames`` frames: learn tokens per frame and reserve ``max_frames`` once."""
+        if not num_frames or not self.length[0]:
+            return
+        self.tokens_per_frame = self.length[0] // num_frames
+        if self.max_frames is not None:
+            for layer in range(self.num_layers):
+                if self.k[layer] is not None:
+                    self._reserve(layer, self.max_frames * self.tokens_per_frame, self.k[layer])
+
+    def keep(self, frames: Tensor, num_frames: int) -> None:
+        """Keep the held frames at indices ``frames`` (in that order), compacted to the front, in place."""
+        frames = [int(f) for f in frames]
+        for layer in range(self.num_layers):
+            n = self.length[layer]
+            if not n:
+                continue
+            t = n // num_frames
+            bufs = (self.k[layer], self.v[layer])
+            if frames == sorted(set(frames)):
+                for src, dst, count in _runs(frames):
+                    # a run moves down by shift = src - dst frames; chunks of <= shift frames never overlap
+                    shift = src - dst
+                    step = count if shift == 0 else shift
+                    for i in range(0, count if shift else 0, step):
+                        c = min(step, count - i)
+                        for buf in bufs:
+                            buf[:, (dst + i) * t : (dst + i + c) * t] = buf[:, (src + i) * t : (src + i + c) * t]
+            else:  # any order: gather through a temporary
+                idx = torch.tensor([f * t + i for f in frames for i in range(t)], device=bufs[0].device)
+                for buf in bufs:
+                    buf[:, : len(idx)] = buf[:, idx].clone()
+            self.length[layer] = len(frames) * t
+
+    def held(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        n = self.length[layer]
+        return (self.k[layer][:, :n], self.v[layer][:, :n]) if n else None
+
+    def reset(self) -> None:
+        """Forget the held K/V; the buffers stay allocated for the next video (or re-cache)."""
+        self.length = [0] * self.num_layers
+
+    def nbytes(self) -> int:
+        return sum(b[:, : self.length[i]].numel() * b.element_size()
+                   for i in range(self.num_layers) for b in (self.k[i], self.v[i]) if b is not None)
+
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in (self.k, self.v) for b in bufs if b is not None)
+
+    def _reserve(self, layer: int, tokens: int, like: Tensor) -> None:
+        buf = self.k[layer]
+        if buf is not None and buf.shape[1] >= tokens and buf.device == like.device:
+            return
+        planned = self.max_frames * self.tokens_per_frame if self.max_frames and self.tokens_per_frame else None
+        capacity = max(tokens, planned or 0)
+        if buf is not None and self.tokens_per_frame and (planned is None or tokens > planned):
+            capacity = max(tokens, 2 * buf.shape[1])  # growth beyond the plan: geometric, so it stays rare
+            if planned is not None:
+                log.warning("dense KV cache layer %d grows to %d tokens (max_frames=%s)", layer, capacity, self.max_frames)
+        B, _, H, D = like.shape
+        n = self.length[layer]
+        new = []
+        for old in (self.k[layer], self.v[layer]):
+            t = torch.empty(B, capacity, H, D, dtype=like.dtype, device=like.device)
+            if old is not None and n:
+                t[:, :n] = old[:, :n]
+            new.append(t)
+        self.k[layer], self.v[layer] = new
+        self.reallocations += 1
+
+
+def _runs(frames: list[int]) -> list[tuple[int, int, int]]:
+    """Increasing kept frame indices -> (src, dst, count) runs of consecutive frames moving by the same shift."""
+    runs: list[list[int]] = []
+    for dst, src in enumerate(frames):
+        if runs and src == runs[-1][0] + runs[-1][2] and dst == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([src, dst, 1])
+    return [tuple(r) for r in runs]

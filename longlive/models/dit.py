@@ -62,6 +62,10 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        # The attention proper is a parameter-free child module (no state-dict keys), so a wrapper can
+        # replace it per layer from outside: sequence parallel (``longlive.parallel``) swaps in one that
+        # moves tokens and heads between ranks around it; the model itself stays parallelism-free.
+        self.core = AttentionCore()
 
     def forward(
         self,
@@ -83,16 +87,65 @@ class Attention(nn.Module):
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.to_k(kv_in)).unflatten(-1, (self.num_heads, -1))
         v = self.to_v(kv_in).unflatten(-1, (self.num_heads, -1))
+        out = self.core(q, k, v, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
+        return self.to_out(out.flatten(2))
+
+
+class AttentionCore(nn.Module):
+    """KV cache, RoPE and SDPA on (B, S, heads, head_dim) q, k, v (after the projections and q/k norms).
+
+    Per head and token-order agnostic: a wrapper may hand it a subset of the heads over the whole
+    sequence (Ulysses) and get the same per-head result.
+    """
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        key_rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *(key_rope or rope))
-        return self.to_out(attention(q, k, v, mask).flatten(2))
+            q, k = self.rotate(q, *rope), self.rotate(k, *(key_rope or rope))
+        return attention(q, k, v, mask)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE of q or k (a fused kernel overrides this, ``longlive.inference.fast``)."""
+        return apply_rope(x, cos, sin)
 
 
 def _frames(x: Tensor, f: int) -> Tensor:
     """(B, S, D) -> (B, f, S / f, D), so per-frame (B, f, 1, D) modulation broadcasts over tokens."""
     return x.unflatten(1, (f, -1))
+
+
+class Modulate(nn.Module):
+    """``norm(x) * (1 + scale) + shift`` per frame (adaLN), or ``norm(x)`` alone, in ``x``'s dtype.
+
+    Parameter-free (the norm is an argument), like :class:`AttentionCore`, so a fused kernel can replace
+    it per block from outside (``longlive.inference.fast``) without touching weights or state-dict keys.
+    ``scale`` / ``shift``: (B, f, 1, D), one row per frame of ``x`` (B, S, D).
+    """
+
+    def forward(self, norm: nn.Module, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        if scale is None:
+            return norm(x).type_as(x)
+        return (_frames(norm(x), scale.shape[1]) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+
+
+class GatedResidual(nn.Module):
+    """``x + h * gate`` per frame in float32, in ``x``'s dtype. Parameter-free, replaceable (see :class:`Modulate`)."""
+
+    def forward(self, x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+        f = gate.shape[1]
+        return (_frames(x.float(), f) + _frames(h.float(), f) * gate).flatten(1, 2).type_as(x)
 
 
 class Block(nn.Module):
@@ -106,23 +159,22 @@ class Block(nn.Module):
         self.norm3 = LayerNorm32(d, cfg.eps, elementwise_affine=False)
         self.ffn = MLP(d, cfg.ffn_dim, d, nn.GELU(approximate="tanh"))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.modulate, self.residual = Modulate(), GatedResidual()  # parameter-free: kernels swap them
 
     def forward(
         self, x, context, e, rope, *, key_rope=None, mask=None, context_mask=None, kv_cache=None, layer=0
     ) -> Tensor:
         """``e``: (B, f or 1, 6, D) timestep projection of each frame (or of the whole sample)."""
-        f = e.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + e.float()).unsqueeze(3).unbind(2)
 
-        h = (_frames(self.norm1(x), f) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
+        h = self.modulate(self.norm1, x, scale1, shift1)
         h = self.attn1(h, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
-        x = (_frames(x.float(), f) + _frames(h, f) * gate1).flatten(1, 2).type_as(x)
+        x = self.residual(x, h, gate1)
 
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), context, mask=context_mask)
+        x = x + self.attn2(self.modulate(self.norm2, x), context, mask=context_mask)
 
-        h = (_frames(self.norm3(x), f) * (1 + scale2) + shift2).flatten(1, 2).type_as(x)
-        h = self.ffn(h)
-        return (_frames(x.float(), f) + _frames(h.float(), f) * gate2).flatten(1, 2).type_as(x)
+        h = self.ffn(self.modulate(self.norm3, x, scale2, shift2))
+        return self.residual(x, h, gate2)
 
 
 class WanDiT(nn.Module):

@@ -10,6 +10,8 @@ positions need not start at 0 or be contiguous.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,17 +44,40 @@ def rope_freqs(
     """
     if frame_positions.ndim not in (1, 2):
         raise ValueError(f"frame_positions must be (frames,) or (B, frames), got {tuple(frame_positions.shape)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _rope_tables(head_dim, tuple(frame_positions.tolist()) if frame_positions.ndim == 1 else
+                        tuple(map(tuple, frame_positions.tolist())), height, width, theta, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(
+    head_dim: int, positions: tuple, height: int, width: int, theta: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Memoised: a streaming forward asks for the same positions at every step and, with relative positions,
+    in every block after the first few. Besides the arithmetic this skips the host-to-device copies of the
+    small tables, which would otherwise make every forward wait for the GPU. Callers must not modify the
+    returned tensors in place."""
+    frame_positions = torch.tensor(positions, dtype=torch.float64)  # as _angles computes them
     dt, dh, dw = rope_dims(head_dim)
     lead, f = frame_positions.shape[:-1], frame_positions.shape[-1]
     shape = (*lead, f, height, width, -1)
     angles = [
-        _angles(dt, frame_positions.cpu(), theta).view(*lead, f, 1, 1, -1),
+        _angles(dt, frame_positions, theta).view(*lead, f, 1, 1, -1),
         _angles(dh, torch.arange(height), theta).view(height, 1, -1),
         _angles(dw, torch.arange(width), theta).view(width, -1),
     ]  # cos/sin of the small per-axis tables, then broadcast to every token
-    cos = torch.cat([a.cos().float().to(device).expand(shape) for a in angles], dim=-1)
-    sin = torch.cat([a.sin().float().to(device).expand(shape) for a in angles], dim=-1)
+    cos = torch.cat([_to(a.cos().float(), device).expand(shape) for a in angles], dim=-1)
+    sin = torch.cat([_to(a.sin().float(), device).expand(shape) for a in angles], dim=-1)
     return cos.reshape(*lead, -1, 1, head_dim // 2), sin.reshape(*lead, -1, 1, head_dim // 2)
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """To ``device``; to a GPU from pinned memory without blocking (a pageable copy waits for the GPU)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

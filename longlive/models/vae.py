@@ -108,8 +108,10 @@ class StreamingDecoder:
     object's own (not the module's shared ``_feat_map``), so several decoders can run at once.
     """
 
-    def __init__(self, vae: "WanVAE", clamp: bool = True):
-        self.vae, self.clamp = vae, clamp
+    def __init__(self, vae: "WanVAE", clamp: bool = True, frames_per_call: int = 1):
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
+        self.vae, self.clamp, self.frames_per_call = vae, clamp, frames_per_call
         self.reset()
 
     def reset(self) -> None:
@@ -124,13 +126,18 @@ class StreamingDecoder:
         model = self.vae.model
         x = model.post_quant_conv(z.to(self.vae.dtype))  # 1x1x1: no temporal state to carry
         outs = []
-        # One latent frame per decoder call, as diffusers' _decode does. The very first frame must
-        # go alone (first_chunk / the "Rep" cache marker); later ones could go together, but one at
-        # a time bounds activation memory at full resolution and stays bitwise equal to diffusers.
-        for i in range(x.shape[2]):
-            frame = x[:, :, i : i + 1]
-            outs.append(model.decoder(frame, feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.first))
+        # By default one latent frame per decoder call, as diffusers' _decode does: it bounds activation
+        # memory at full resolution and stays bitwise equal to diffusers. The very first frame must go
+        # alone (first_chunk / the "Rep" cache marker); later ones may go ``frames_per_call`` at a time
+        # (the causal convs and temporal upsamplers take any chunk length): larger convolutions keep a
+        # big GPU busier, equal to the frame-by-frame decode up to float rounding.
+        i = 0
+        while i < x.shape[2]:
+            n = 1 if self.first else self.frames_per_call
+            chunk = x[:, :, i : i + n]
+            outs.append(model.decoder(chunk, feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.first))
             self.first = False
+            i += n
         out = torch.cat(outs, dim=2)
         if model.config.patch_size is not None:
             out = unpatchify(out, patch_size=model.config.patch_size)
@@ -214,8 +221,8 @@ class WanVAE(nn.Module):
         """Normalised latents -> video (B, 3, T, H, W) in [-1, 1]."""
         return self.decode_raw(self.denormalize(latents))
 
-    def streaming_decoder(self, clamp: bool = True) -> StreamingDecoder:
-        return StreamingDecoder(self, clamp=clamp)
+    def streaming_decoder(self, clamp: bool = True, frames_per_call: int = 1) -> StreamingDecoder:
+        return StreamingDecoder(self, clamp=clamp, frames_per_call=frames_per_call)
 
     # diffusers-layout checkpoints
 

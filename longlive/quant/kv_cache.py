@@ -158,6 +158,14 @@ class NVFP4KVStorage:
                         x[:, : len(idx)] = x[:, idx].clone()
             self.length[layer] = len(frames) * t
 
+    def held(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The held K and V of ``layer`` dequantized to float32, (B, tokens, heads, head_dim); None when empty."""
+        n = self.length[layer]
+        if not n:
+            return None
+        B, H, D = self._shape
+        return tuple(buf.read(n, torch.float32).view(B, n, H, D) for buf in (self.k[layer], self.v[layer]))
+
     def reset(self) -> None:
         """Forget the held K/V; the buffers stay allocated for the next video."""
         self.length = [0] * self.num_layers

@@ -53,7 +53,12 @@ def native_fp4_available(device: torch.device | str | None = None) -> bool:
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
-    """The Triton kernels run on CUDA devices, and on the CPU only under TRITON_INTERPRET=1 (tests)."""
+    """The Triton kernels run on CUDA devices, and on the CPU only under TRITON_INTERPRET=1 (tests);
+    never while ``LONGLIVE_KERNELS=0`` (``longlive.kernels_dispatch``, the switch for every kernel)."""
+    from longlive.kernels_dispatch import kernels_enabled
+
+    if not kernels_enabled():
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -88,7 +93,8 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         )
     if backend == "triton" and not triton_available(device):
         raise RuntimeError(
-            f"NVFP4 backend 'triton' needs a CUDA device and the triton package; this device is {_device_name(device)}. "
+            f"NVFP4 backend 'triton' needs a CUDA device, the triton package and kernels switched on "
+            f"(LONGLIVE_KERNELS not 0); this device is {_device_name(device)}. "
             "Use quant.backend: emulated on the CPU (or set TRITON_INTERPRET=1 to run the kernels in Triton's "
             "slow CPU interpreter, for tests)."
         )

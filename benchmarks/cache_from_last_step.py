@@ -1,0 +1,97 @@
+"""Quality cost of ``inference.cache_from_last_step`` on the tiny students (issue 6).
+
+Writing the KV cache during the last denoising step saves one forward per block (5 -> 4 at 4 steps, 3 -> 2 at
+2 steps), but the cache then holds K/V computed from the last step's *noisy* input at its timestep instead of
+the clean block at t=0 (what the students were trained to read). This runs the built-in prompt-following
+check (:func:`longlive.eval.quality.evaluate`) on the same held-out prompts and seeds with the option off and
+on, and reports per-evaluation scores and the paired difference (per video, same seed) with its standard error.
+
+    python benchmarks/cache_from_last_step.py --models models     # ~5 min on 2 shared CPU cores
+
+Writes ``benchmarks/results/cache_from_last_step_tiny.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from longlive.config import load_preset  # noqa: E402
+from longlive.eval.quality import DRIFT_SETTINGS, evaluate, load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIFT = tuple(s for s in DRIFT_SETTINGS if s[0] in ("single sink=on", "switch sink=on recache=on"))
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    d = [y - x for x, y in zip(a, b)]
+    sem = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return statistics.fmean(d), sem
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=str(ROOT / "models"), help="folder with ar/t2v and base/")
+    ap.add_argument("--num-prompts", type=int, default=120)  # every caption of the held-out design once
+    ap.add_argument("--num-multishot", type=int, default=32)
+    ap.add_argument("--num-drift", type=int, default=6)
+    ap.add_argument("--length-factor", type=int, default=6)
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    models_dir = Path(args.models)
+    preset = load_preset("tiny")
+    t0 = time.perf_counter()
+    reports = {}
+    for on in (False, True):
+        models, cfg_preset, ar = load_checkpoint(preset, models_dir / "ar/t2v", models_dir / "base",
+                                                 [f"cache_from_last_step={str(on).lower()}"])
+        reports[on] = evaluate(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
+                               num_multishot=args.num_multishot, num_drift=args.num_drift,
+                               length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
+                               log=lambda m: print(m, flush=True))
+        print(f"cache_from_last_step={on}: t2v {reports[on]['t2v']['score']:.3f}", flush=True)
+    off, on = reports[False], reports[True]
+    rows = []
+    d, sem = paired([r["score"] for r in off["t2v"]["rows"]], [r["score"] for r in on["t2v"]["rows"]])
+    rows.append({"eval": f"t2v ({off['t2v']['n']} prompts)", "off": off["t2v"]["score"], "on": on["t2v"]["score"],
+                 "delta": d, "delta_sem": sem, "off_sem": off["t2v"]["score_sem"], "on_sem": on["t2v"]["score_sem"]})
+    d, sem = paired([r["score"] for r in off["multishot"]["rows"]], [r["score"] for r in on["multishot"]["rows"]])
+    rows.append({"eval": f"multi-shot ({off['multishot']['n']})", "off": off["multishot"]["score"],
+                 "on": on["multishot"]["score"], "delta": d, "delta_sem": sem,
+                 "off_sem": off["multishot"]["score_sem"], "on_sem": on["multishot"]["score_sem"]})
+    for name in off["drift"]:
+        a, b = off["drift"][name], on["drift"][name]
+        rows.append({"eval": f"drift {name} ({a['n']} x {a['length_factor']} clips): mean", "off": a["mean"], "on": b["mean"],
+                     "delta": b["mean"] - a["mean"], "delta_sem": math.hypot(a["mean_sem"], b["mean_sem"]),
+                     "off_sem": a["mean_sem"], "on_sem": b["mean_sem"], "off_last": a["last"], "on_last": b["last"]})
+    result = {"date": time.strftime("%Y-%m-%d"), "models": str(models_dir), "ar_config": ar,
+              "command": "python " + " ".join(sys.argv), "runtime_s": time.perf_counter() - t0,
+              "chance_score": off["chance_score"], "rows": rows, "reports": {"off": off, "on": on}}
+    lines = ["# Cache from the last denoising step: quality cost on the tiny T2V student", "",
+             f"{result['date']}; models `{models_dir}`; `{result['command']}` ({result['runtime_s']:.0f} s). "
+             f"Built-in prompt-following score (chance {result['chance_score']:.3f}); same prompts and seeds both ways; "
+             "delta = on - off, paired per video where the videos pair up (t2v, multi-shot), else of the means.", "",
+             "| eval | off (t=0 cache pass) | on (last step writes) | delta ± sem |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['eval']} | {r['off']:.3f} ± {r['off_sem']:.3f} | {r['on']:.3f} ± {r['on_sem']:.3f} | "
+                     f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache_from_last_step_tiny.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "cache_from_last_step_tiny.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

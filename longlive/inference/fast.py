@@ -1,0 +1,185 @@
+"""The real-time path of a built :class:`~longlive.models.dit.WanDiT`, applied from outside the model.
+
+:func:`optimize` sets a model up for streaming inference, in place, without touching its weights' values
+or the model file (the swapped modules are the parameter-free children ``Block.modulate``,
+``Block.residual`` and ``Attention.core``, made for this):
+
+* **kernels** (``kernels=True``): each block's LayerNorm + adaLN modulation, gated residuals and RoPE run
+  as fused Triton kernels (``kernels/adaln.py``, ``kernels/rope.py``) when their tensors are on a CUDA
+  device; elsewhere -- and everywhere while ``LONGLIVE_KERNELS=0`` -- the same modules run the PyTorch
+  reference (``longlive.kernels_dispatch``). A sequence-parallel wrapper around ``attn1.core`` is kept: the
+  fused core goes inside it.
+* **fp8** (``fp8=True``): the linears ``convert_to_nvfp4`` would quantize become row-wise FP8
+  (``longlive.quant.fp8``; Hopper's speed path, as LongLive's torchao float8 recipe).
+* **context memo** (always): the text embedder and each cross-attention's K/V projections return their
+  previous output while called with the very same context tensor, so a prompt's text embedding and its
+  cross-attention K/V are computed once per prompt instead of once per forward.
+* **compile** (``compile=True``): ``torch.compile`` of each block's per-token compute (FFN, modulations,
+  residuals, q/k norms, cross-attention); the self-attention core with its KV cache stays eager.
+
+The dense KV cache's preallocated in-place storage and the sync-free chunk loop live in
+``longlive.models.attention.DenseKVStorage`` and ``longlive.inference.pipeline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import Tensor, nn
+
+from longlive.kernels_dispatch import use_kernel
+from longlive.models.dit import AttentionCore, GatedResidual, LayerNorm32, Modulate, WanDiT
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- kernel-backed modules
+
+
+class FusedModulate(Modulate):
+    """:class:`Modulate` through ``kernels/adaln.py`` (LayerNorm32 norms; anything else: the reference)."""
+
+    def forward(self, norm: nn.Module, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        affine_ok = (norm.weight is None) == (norm.bias is None) if isinstance(norm, LayerNorm32) else False
+        if affine_ok and use_kernel(x):
+            from kernels.adaln import layernorm_modulate
+
+            return layernorm_modulate(x, scale, shift, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+        return super().forward(norm, x, scale, shift)
+
+
+class FusedGatedResidual(GatedResidual):
+    """:class:`GatedResidual` through ``kernels/adaln.py``."""
+
+    def forward(self, x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+        if use_kernel(x, h):
+            from kernels.adaln import gated_residual
+
+            return gated_residual(x, h, gate)
+        return super().forward(x, h, gate)
+
+
+class FusedAttentionCore(AttentionCore):
+    """:class:`AttentionCore` whose RoPE is the one-pass kernel ``kernels/rope.py``."""
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if use_kernel(x, cos):
+            from kernels.rope import apply_rope
+
+            return apply_rope(x, cos, sin)
+        return super().rotate(x, cos, sin)
+
+
+def _swap_core(attn: nn.Module, make) -> None:
+    """Replace the innermost :class:`AttentionCore` of ``attn`` (inside wrappers that keep it as ``inner``)."""
+    owner, name = attn, "core"
+    while not isinstance(getattr(owner, name), AttentionCore):
+        owner, name = getattr(owner, name), "inner"
+        if not hasattr(owner, name):
+            raise TypeError(f"cannot find the AttentionCore inside {type(getattr(attn, 'core')).__name__}")
+    setattr(owner, name, make())
+
+
+def apply_kernels(dit: WanDiT) -> None:
+    """Kernel-backed ``modulate``, ``residual`` and attention cores in every block (idempotent)."""
+    for block in dit.blocks:
+        block.modulate, block.residual = FusedModulate(), FusedGatedResidual()
+        for attn in (block.attn1, block.attn2):
+            _swap_core(attn, FusedAttentionCore)
+
+
+def remove_kernels(dit: WanDiT) -> None:
+    for block in dit.blocks:
+        block.modulate, block.residual = Modulate(), GatedResidual()
+        for attn in (block.attn1, block.attn2):
+            _swap_core(attn, AttentionCore)
+
+
+# ----------------------------------------------------------------------------- per-prompt context work
+
+
+class _Memo:
+    """The last (input, output) of a module's forward; the input is held, so its identity cannot be reused
+    by another tensor while memoised."""
+
+    def __init__(self) -> None:
+        self.input: Tensor | None = None
+        self.key: tuple | None = None
+        self.output: Tensor | None = None
+
+
+def _memo_forward(self: nn.Module, x: Tensor) -> Tensor:
+    memo: _Memo = self._context_memo
+    key = (x._version, torch.is_grad_enabled())
+    if x is not memo.input or key != memo.key:
+        memo.input, memo.key, memo.output = x, key, type(self).forward(self, x)
+    return memo.output
+
+
+def _memoise(module: nn.Module) -> None:
+    """Make ``module`` return its previous output while called with the very same tensor (same object,
+    unmodified). An instance-level ``forward``: the module's type, children and state-dict keys stay."""
+    if "_context_memo" not in module.__dict__:
+        module._context_memo = _Memo()
+        module.forward = types.MethodType(_memo_forward, module)
+
+
+def _unmemoise(module: nn.Module) -> None:
+    if "_context_memo" in module.__dict__:
+        del module.__dict__["_context_memo"], module.__dict__["forward"]
+
+
+def _context_modules(dit: WanDiT) -> list[nn.Module]:
+    return [dit.text_embedder] + [getattr(b.attn2, n) for b in dit.blocks for n in ("to_k", "to_v")]
+
+
+def apply_context_memo(dit: WanDiT) -> None:
+    """Memoise the text embedder and the cross-attention K/V projections (idempotent): within a prompt the
+    pipeline passes the same context tensor to every forward, so they run once per prompt. Apply after any
+    conversion of the linears (FP8, NVFP4), which replaces these modules."""
+    for m in _context_modules(dit):
+        _memoise(m)
+
+
+def remove_context_memo(dit: WanDiT) -> None:
+    for m in _context_modules(dit):
+        _unmemoise(m)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compile_blocks(dit: WanDiT, **compile_kwargs) -> None:
+    """``torch.compile`` the per-token compute of every block, in place (``nn.Module.compile``: same modules,
+    same state-dict keys): the FFN, the adaLN modulations and gated residuals, the q/k RMSNorms, and the
+    whole cross-attention. The self-attention core stays eager: its KV-cache bookkeeping is Python state,
+    and a graph around it would guard on the layer index (one recompilation per layer) and on the cache
+    length. Each module class compiles once and serves every block (its parameters are graph inputs).
+    ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+    compile_kwargs.setdefault("dynamic", False)
+    for block in dit.blocks:
+        for m in (block.ffn, block.modulate, block.residual, block.attn1.norm_q, block.attn1.norm_k, block.attn2):
+            if getattr(m, "_compiled_call_impl", None) is None:
+                m.compile(**compile_kwargs)
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def optimize(dit: WanDiT, *, kernels: bool = True, compile: bool = False, fp8: bool = False,
+             keep_high_precision: list[str] | None = None) -> dict:
+    """Set ``dit`` up for streaming inference in place (see the module docstring); returns what was applied."""
+    applied = {"kernels": kernels, "compile": compile, "fp8": False}
+    if fp8:
+        from longlive.quant.fp8 import convert_to_fp8
+
+        applied["fp8"] = len(convert_to_fp8(dit, keep_high_precision))
+    if kernels:
+        apply_kernels(dit)
+    apply_context_memo(dit)
+    if compile:
+        compile_blocks(dit)
+    log.info("inference path: %s", applied)
+    return applied
