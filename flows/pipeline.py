@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-STAGES = ["synth", "base", "encode", "validate", "train_ar"]
+STAGES = ["synth", "base", "encode", "validate", "train_ar", "train_dmd", "train_qat", "quantize", "evaluate", "publish"]
 
 
 def _flatten(d: dict, prefix: str = "") -> list[dict]:
@@ -50,11 +50,14 @@ def run_stage(stage: str, repo_dir: str, preset: str | None = None) -> dict:
             tail = (tail + [line])[-30:]
     if proc.wait():
         raise RuntimeError(f"`dvc repro {stage}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    # reports/STAGE/metrics.json, or reports/STAGE/ITEM/metrics.json for a `foreach` stage
+    # reports/STAGE/metrics.json, or reports/STAGE/ITEM/metrics.json for a `foreach` stage, or
+    # reports/STAGE/metrics/ITEM.json for a stage with a metrics directory (evaluate: one file per variant)
     metrics = {}
     for path in sorted((Path(repo_dir) / "reports" / stage).glob("**/metrics.json")):
         item = path.parent.relative_to(Path(repo_dir) / "reports" / stage).as_posix()
         metrics[item if item != "." else stage] = json.loads(path.read_text())
+    for path in sorted((Path(repo_dir) / "reports" / stage / "metrics").glob("*.json")):
+        metrics[path.stem] = json.loads(path.read_text())
     if metrics:
         create_table_artifact(
             key=f"{stage.replace('_', '-')}-metrics",

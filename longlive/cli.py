@@ -1,6 +1,7 @@
 """The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body,
 ``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set,
-``publish`` uploads a versioned release and ``pull`` downloads and verifies one."""
+``publish`` uploads a versioned release and ``pull`` downloads and verifies one, ``regress`` gates the
+evaluate stage's metrics against a committed baseline."""
 
 from __future__ import annotations
 
@@ -134,6 +135,21 @@ def _add_publish(sub) -> None:
     p.set_defaults(func=_pull)
 
 
+def _regress(args: argparse.Namespace) -> int:
+    from longlive.eval.regress import run
+
+    return run(args)
+
+
+def _add_regress(sub) -> None:
+    from longlive.eval.regress import add_arguments
+
+    p = sub.add_parser("regress", help="compare the evaluate stage's metrics with the committed baseline; "
+                       "exit 1 naming each regressed metric")
+    add_arguments(p)
+    p.set_defaults(func=_regress)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longlive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_eval_quality(sub)
     _add_publish(sub)  # `publish` and `pull`
+    _add_regress(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -250,7 +250,15 @@ class DMDConfig(_Strict):
     students: dict[str, list[int]] = Field(
         min_length=1, description="student name -> denoising step list, e.g. {4step: [1000, 750, 500, 250]}")
     variants: list[str] = Field(min_length=1, description="ar.variants to distil (t2v, i2v)")
+    tf_weight: float = Field(
+        default=0.0, ge=0,
+        description="weight of a data term on generator steps: the AR teacher-forcing loss at the student's "
+        "step list (0: pure DMD). It keeps what AR training learned from data where the teacher is weak",
+    )
     lora: LoRAConfig | None = Field(default=None, description="train LoRA adapters; the export keeps them apart")
+    qat_students: list[str] = Field(
+        default_factory=list, description="students that also get an NVFP4 QAT fine-tune (train_qat stage)")
+    qat_steps: int = Field(default=50, ge=1, description="DMD steps of the QAT fine-tune")
     ema: EMAConfig = EMAConfig()
     grad_clip: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -265,6 +273,9 @@ class DMDConfig(_Strict):
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"student name {name!r} must be letters, digits, '-' or '_' (it names folders)")
             _check_denoising_steps(steps)
+        unknown = [q for q in self.qat_students if q not in self.students]
+        if unknown:
+            raise ValueError(f"qat_students {unknown} are not students ({sorted(self.students)})")
         if self.min_timestep >= self.max_timestep:
             raise ValueError(f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}")
         return self
@@ -340,6 +351,17 @@ class InferenceConfig(_Strict):
     guidance_scale: float = Field(default=1.0, ge=0, description="classifier-free guidance; 1 = off")
     vae_device: str = Field(default="auto", description="device of the VAE decoder; auto = the DiT's")
     async_decode: bool = Field(default=True, description="decode block k in a thread while block k+1 denoises")
+    vae_frames_per_call: int = Field(default=1, ge=1, description="latent frames per VAE decoder call after the "
+                                     "first (1: bitwise as diffusers; more: larger convolutions, more memory)")
+    # the real-time path (longlive.inference.fast); on the CPU every option below but fp8/compile is a no-op
+    kernels: bool = Field(default=True, description="fused Triton kernels (RoPE, LayerNorm + adaLN, gated residual) "
+                          "on CUDA, the PyTorch reference elsewhere; LONGLIVE_KERNELS=0 turns every kernel off")
+    compile: bool = Field(default=False, description="torch.compile each DiT block (the KV-cache core stays eager)")
+    fp8: bool = Field(default=False, description="row-wise dynamic FP8 (E4M3) linears through torch._scaled_mm "
+                      "(compute capability >= 8.9; a float32 emulation elsewhere); quant.keep_high_precision stays bf16")
+    cache_from_last_step: bool = Field(
+        default=False, description="write the KV cache during the last denoising step instead of a separate t=0 pass "
+        "over the clean block (one forward less per block; the cache then holds K/V of the last step's noisy input)")
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceConfig":
@@ -422,6 +444,8 @@ class QuantConfig(_Strict):
     weight_block_2d: bool = Field(default=False, description="16x16 weight blocks (W and W^T quantize alike)")
     kv_cache: Literal["dense", "nvfp4"] = Field(
         default="dense", description="streaming KV cache storage: the model's dtype, or NVFP4 along head_dim")
+    quality_prompts: int = Field(default=24, ge=1, description="held-out prompts the quantize stage scores "
+                                 "bf16 against NVFP4 on")
 
 
 
@@ -435,7 +459,9 @@ class EvalVariantConfig(_Strict):
     kind: Literal["t2v", "i2v"] = Field(description="i2v: every video starts from a held-out clip's first frame")
     denoising_steps: list[int] | None = Field(
         default=None, description="None: the export's ar_config.json (else inference.denoising_steps)")
-    quant: Literal["none", "nvfp4"] = Field(default="none", description="nvfp4: NVFP4 linears (quant: settings)")
+    quant: Literal["none", "nvfp4"] = Field(
+        default="none", description="nvfp4: convert a high-precision export's linears at load (quant: settings); "
+        "a quantize-stage export is NVFP4 already and needs nothing here")
     inference: dict[str, Any] = Field(default_factory=dict, description="other inference: overrides, e.g. {sink_frames: 0}")
 
     @model_validator(mode="after")
@@ -459,6 +485,16 @@ class EvalSpeedConfig(_Strict):
     length_factor: int = Field(default=4, ge=1)
 
 
+# VBench dimensions that score custom videos (longlive.eval.vbench knows their weight files; a test keeps
+# the two lists equal), and those that read annotations of VBench's own prompts and so cannot.
+VBENCH_DIMENSIONS = (
+    "temporal_flickering", "subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
+    "aesthetic_quality", "imaging_quality", "human_action", "temporal_style", "overall_consistency",
+)
+VBENCH_PROMPT_SUITE_DIMENSIONS = ("object_class", "multiple_objects", "color", "spatial_relationship", "scene",
+                                  "appearance_style")
+
+
 class EvalVBenchConfig(_Strict):
     """VBench dimensions on the first ``num_videos`` T2V/I2V videos (``longlive.eval.vbench``).
 
@@ -475,9 +511,15 @@ class EvalVBenchConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "EvalVBenchConfig":
-        from longlive.eval.vbench import check_dimensions
-
-        check_dimensions(self.dimensions)
+        suite = [d for d in self.dimensions if d in VBENCH_PROMPT_SUITE_DIMENSIONS]
+        if suite:
+            raise ValueError(f"VBench dimensions {suite} need VBench's own prompt suite and cannot score custom "
+                             f"videos; choose from {list(VBENCH_DIMENSIONS)}")
+        unknown = [d for d in self.dimensions if d not in VBENCH_DIMENSIONS]
+        if unknown:
+            raise ValueError(f"unknown VBench dimensions {unknown}; choose from {list(VBENCH_DIMENSIONS)}")
+        if len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"VBench dimensions listed twice: {self.dimensions}")
         return self
 
 

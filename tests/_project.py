@@ -26,7 +26,11 @@ def fast_tiny(preset: dict) -> dict:
     p["ar"]["train"].update(steps=4, batch_size=2, log_every=1)
     p["ar"].update(ckpt_every=2)
     p["dmd"]["train"].update(steps=2, batch_size=2, log_every=1)
-    p["dmd"].update(ckpt_every=1)
+    p["dmd"].update(ckpt_every=1, qat_steps=1)
+    p["quant"]["quality_prompts"] = 2
+    p["evaluate"].update(num_prompts=2, num_multishot=1, num_drift=1, length_factor=2, samples=1)
+    p["evaluate"]["speed"].update(runs=1, warmup=0, length_factor=1)
+    p["evaluate"]["vbench"].update(num_videos=1)
     return p
 
 

@@ -130,7 +130,8 @@ def add_checkpoint(dest: Path, name: str, spec: PublishCheckpoint, preset: Prese
         _check_dit(dit, name, preset)
         dest.mkdir(parents=True)
         for item in src.iterdir():  # ar_config.json and anything else of a train_ar export
-            if dit != src and item.name != "dit" and not item.name.startswith("."):
+            # a DMD export's critic/ (the fake score) is training state, not part of the model
+            if dit != src and item.name not in ("dit", "critic") and not item.name.startswith("."):
                 (_copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
         source = tensor_stats(dit)
         if spec.dtype == "bf16":

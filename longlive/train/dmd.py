@@ -9,7 +9,10 @@ One run distils one AR variant (t2v or i2v) into one student (a step list such a
 
 A loop step is one critic update on a fresh self-forcing rollout; every ``critic_updates``-th step
 also updates the generator through the DMD gradient of that rollout (one AdamW, one parameter group
-per model, see ``run_training``). Prompts are the dataset's first-shot captions: the teacher was
+per model, see ``run_training``). With ``tf_weight`` > 0 a generator step also adds the AR teacher-forcing
+loss on real clips at the student's step list: DMD moves samples toward the teacher's distribution, so
+where the teacher is weaker than the AR student (the tiny teacher's motion) a data term keeps what AR
+training learned. Prompts of the DMD term are the dataset's first-shot captions: the teacher was
 trained on single-shot clips, and a batch shares one cache layout. I2V rollouts start from the clip's
 clean first latent frame, which is left out of both losses.
 
@@ -36,10 +39,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from longlive.config import DMDConfig, Preset
 from longlive.diffusion import dmd, flow
 from longlive.models.dit import Block, WanDiT
-from longlive.models.lora import apply_lora, has_lora, save_adapter
+from longlive.models.lora import apply_lora, has_lora, load_and_merge_adapter, save_adapter
+from longlive.quant.convert import apply_qat, remove_qat
 from longlive.models.text import load_text_encoder
 from longlive.models.wan_adapter import load_dit, save_dit
-from longlive.train.ar import AR_CONFIG_NAME, Clip, ShardClips, _file_stamp
+from longlive.train.ar import (
+    AR_CONFIG_NAME, Clip, ClipMasks, ShardClips, _file_stamp, build_batch, collate, masked_flow_loss, tf_forward,
+)
 from longlive.train.ema import EMA
 from longlive.train.loop import resolve_device, run_training, write_history
 
@@ -115,9 +121,14 @@ def dmd_step_losses(
 def train_dmd(
     preset: Preset, variant: str, student: str, *, ar_dir: str | os.PathLike, base_dir: str | os.PathLike,
     out_dir: str | os.PathLike, work_dir: str | os.PathLike, plots_dir: str | os.PathLike,
-    shards_url: str | None = None, null_context: Tensor | None = None,
+    shards_url: str | None = None, null_context: Tensor | None = None, qat_from: str | os.PathLike | None = None,
 ) -> dict:
-    """Distil ``ar_dir`` (a train_ar export) into the ``student`` step list; returns the metrics."""
+    """Distil ``ar_dir`` (a train_ar export) into the ``student`` step list; returns the metrics.
+
+    ``qat_from``: a train_dmd export of the same student to fine-tune for NVFP4 instead (QAT): its
+    generator (LoRA merged) with NVFP4 fake quantization of weights and activations (``quant`` in params,
+    straight-through gradients) and its critic, for ``dmd.qat_steps`` steps; the export is plain weights.
+    """
     cfg = preset.dmd
     if cfg is None:
         raise ValueError(f"preset {preset.name} has no dmd section in params.yaml")
@@ -140,12 +151,25 @@ def train_dmd(
             null_context = load_text_encoder(preset.text, text_path).encode([""])[0][0].float().cpu()
     null_context = null_context.to(device)
 
-    generator = load_dit(ar_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
     teacher = load_dit(base_dir / "dit", dtype=frozen_dtype(cfg.frozen_dtype, device), expect=preset.dit).to(device)
     teacher.requires_grad_(False).eval()
-    critic = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
-    if cfg.lora is not None:
-        apply_lora(generator, cfg.lora)
+    if qat_from is None:
+        generator = load_dit(ar_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
+        critic = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
+        if cfg.lora is not None:
+            apply_lora(generator, cfg.lora)
+    else:
+        qat_from = Path(qat_from)
+        if not (qat_from / "critic").is_dir():
+            raise FileNotFoundError(f"{qat_from}/critic not found: QAT fine-tunes a train_dmd export "
+                                    f"(run `dvc repro train_dmd@{variant}-{student}` first)")
+        generator = load_dit(qat_from / "dit", dtype=torch.float32, expect=preset.dit)
+        load_and_merge_adapter(generator, qat_from)  # QAT trains the merged weights the quantizer will see
+        generator = generator.to(device)
+        critic = load_dit(qat_from / "critic", dtype=torch.float32, expect=preset.dit).to(device)
+        apply_qat(generator, preset.quant)
+        cfg = cfg.model_copy(update={"lora": None, "train": cfg.train.model_copy(update={"steps": cfg.qat_steps}),
+                                     "ema": cfg.ema.model_copy(update={"start_step": 0})})
     if cfg.activation_checkpointing:
         # The critic only: its forward is a plain bidirectional pass. The generator's differentiated step
         # reads the rollout's KV cache, which later blocks change before backward, so a recomputed forward
@@ -156,12 +180,26 @@ def train_dmd(
     groups = [{"name": "generator", "params": list(generator.parameters()), "lr": cfg.train.lr},
               {"name": "critic", "params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.train.lr}]
 
-    def loss_fn(step: int, g: torch.Generator):
-        x_data, context = first_shot_batch(data.sample(cfg.train.batch_size, g))
-        return dmd_step_losses(models, teacher, layout, cfg, x_data.to(device), context.to(device), null_context, g,
-                               update_generator=step % cfg.critic_updates == 0)
+    variant_cfg = preset.ar.variants[variant]
+    tf_cfg = preset.ar.model_copy(update={"denoising_steps": steps, "timestep_shift": cfg.timestep_shift})
+    C, F, h, w = data.first().latents.shape
+    masks = ClipMasks(preset.ar, variant_cfg, F, generator.tokens_per_frame(h, w), device)
 
-    fingerprint = json.dumps({"data": data.fingerprint, "ar": _file_stamp(ar_dir / "dit"),
+    def loss_fn(step: int, g: torch.Generator):
+        clips = data.sample(cfg.train.batch_size, g)
+        x_data, context = first_shot_batch(clips)
+        update_generator = step % cfg.critic_updates == 0
+        loss, metrics = dmd_step_losses(models, teacher, layout, cfg, x_data.to(device), context.to(device),
+                                        null_context, g, update_generator=update_generator)
+        if update_generator and cfg.tf_weight > 0:  # the data term: AR teacher forcing at the student's steps
+            batch = build_batch(*collate(clips), null_context.cpu(), tf_cfg, variant_cfg, g).to(device)
+            tf = masked_flow_loss(tf_forward(models.generator, batch, masks(clips)), batch)
+            loss = loss + cfg.tf_weight * tf
+            metrics["tf_loss"] = tf.item()
+        return loss, metrics
+
+    fingerprint = json.dumps({"data": data.fingerprint, "qat_from": str(qat_from) if qat_from else None,
+                              "init": _file_stamp((qat_from or ar_dir) / "dit"),
                               "base": _file_stamp(base_dir / "dit"), "student": steps,
                               "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
     t0 = time.time()
@@ -174,7 +212,9 @@ def train_dmd(
     wall = time.time() - t0
 
     ema.copy_to(generator)
-    export(generator, cfg, ar_config, steps, out_dir)
+    if qat_from is not None:
+        remove_qat(generator)  # same parameters in plain linears: the quantize stage converts them
+    export(generator, cfg, ar_config, steps, out_dir, critic=critic, qat=qat_from is not None)
     critic_hist = [{"step": r["step"], "loss": r["critic_loss"]} for r in history if math.isfinite(r.get("critic_loss", math.nan))]
     gen_hist = [{"step": r["step"], "loss": r["dmd_grad_abs"]} for r in history if math.isfinite(r.get("dmd_grad_abs", math.nan))]
     write_history(critic_hist, plots_dir / "critic_loss.json")
@@ -195,8 +235,10 @@ def train_dmd(
     return metrics
 
 
-def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int], out_dir: Path) -> None:
-    """``out_dir/dit`` (+ ``lora.safetensors``) and ``ar_config.json`` with the student's step list."""
+def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int], out_dir: Path, *,
+           critic: WanDiT | None = None, qat: bool = False) -> None:
+    """``out_dir/dit`` (+ ``lora.safetensors``), ``ar_config.json`` with the student's step list, and the
+    critic (``critic/``, so a QAT fine-tune continues with a critic that knows the student)."""
     plain = copy.deepcopy(generator)
     if has_lora(plain):
         from longlive.models.lora import LoRALinear, _set
@@ -207,12 +249,22 @@ def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int],
     save_dit(plain, out_dir / "dit")
     if has_lora(generator):
         save_adapter(generator, cfg.lora, out_dir)
+    if critic is not None:
+        save_dit(unwrap_checkpointing(critic), out_dir / "critic")
     student_config = {**ar_config, "denoising_steps": list(steps), "timestep_shift": cfg.timestep_shift,
                       "denoising_sigmas": [round(s, 6) for s in flow.step_list_sigmas(steps, cfg.timestep_shift).tolist()],
-                      "distilled": "dmd", "ar_denoising_steps": ar_config["denoising_steps"]}
+                      "distilled": "dmd", "ar_denoising_steps": ar_config["denoising_steps"], "qat": qat}
     tmp = out_dir / (AR_CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(student_config, indent=2) + "\n")
     os.replace(tmp, out_dir / AR_CONFIG_NAME)
+
+
+def unwrap_checkpointing(model: WanDiT) -> WanDiT:
+    """A copy without activation-checkpoint wrappers (their module names would leak into the checkpoint)."""
+    plain = copy.deepcopy(model)
+    for i, block in enumerate(plain.blocks):
+        plain.blocks[i] = getattr(block, "_checkpoint_wrapped_module", block)
+    return plain
 
 
 __all__ = ["train_dmd", "dmd_step_losses", "DMDModels", "layout_from_ar_config", "first_shot_batch", "export"]

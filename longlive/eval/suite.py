@@ -1,0 +1,330 @@
+"""The ``evaluate`` stage's library: every checkpoint variant of ``evaluate.variants``, measured alike.
+
+Per variant (``{checkpoint, kind: t2v|i2v, denoising_steps, quant, inference}``), through the same
+``generate_video`` path as ``longlive generate`` (see :mod:`longlive.eval.quality`):
+
+* prompt following on the fixed held-out prompt set: single prompts (``num_prompts`` T2V or I2V clips),
+  multi-shot (``num_multishot`` two-shot videos), a prompt schedule and a single prompt over videos of
+  ``length_factor`` training clips (``num_drift`` each; the score per segment of one clip is the drift
+  curve), each beside ``CHANCE_SCORE`` and with the standard error over videos;
+* speed and memory (:mod:`longlive.eval.perf`): FPS, first-chunk latency, peak memory (what was measured
+  is ``info.memory_kind``), KV cache and weight bytes;
+* VBench dimensions on the first T2V/I2V videos (:mod:`longlive.eval.vbench`; skipped ones say why);
+* sample mp4s.
+
+:func:`write_outputs` lays them out for DVC under ``out_dir`` (``reports/evaluate``):
+``metrics/<variant>.json`` (flat numbers plus an ``info`` block: one row per variant in
+``dvc metrics show``), ``plots/drift/<variant>-{schedule,single}.json`` (score per segment over time),
+``plots/speed.json`` (FPS and latency per variant), ``report.json`` (everything, per-prompt rows included)
+and ``report.md``; the samples go to ``samples/<variant>/`` as they are generated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from longlive.config import EvaluateConfig, EvalVariantConfig, InferenceConfig, Preset
+from longlive.eval.perf import device_class, device_name, measure_speed, weights_mb
+from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
+from longlive.eval.quality import (
+    clip_frames, eval_drift, eval_i2v, eval_multishot, eval_t2v, first_frame, heldout_prompts, resolve_checkpoint,
+    write_json,
+)
+from longlive.eval.vbench import evaluate_vbench
+from longlive.inference.generate import (
+    Models, generate_video, load_models, read_ar_config, resolve_device, with_ar_config,
+)
+from longlive.inference.schedule import PromptSchedule
+
+log = logging.getLogger(__name__)
+
+METRICS_DIR, PLOTS_DIR, SAMPLES_DIR = "metrics", "plots", "samples"
+PHASES = ("clips", "multishot", "schedule", "single", "speed", "vbench")
+
+
+class EvaluateError(RuntimeError):
+    """A variant cannot be evaluated as configured; the message names the variant and the fix."""
+
+
+@dataclass
+class VariantResult:
+    name: str
+    metrics: dict
+    details: dict
+    curves: dict[str, list[dict]] = field(default_factory=dict)  # "schedule" / "single" -> per-segment rows
+
+
+# ----------------------------------------------------------------------------- loading a variant
+
+
+def variant_inference(preset: Preset, variant: EvalVariantConfig, ar_config: dict | None) -> InferenceConfig:
+    """The preset's inference settings, then the export's layout and steps, then the variant's own."""
+    cfg = with_ar_config(preset.inference, ar_config)
+    update = dict(variant.inference)
+    if variant.denoising_steps is not None:
+        update["denoising_steps"] = list(variant.denoising_steps)
+    return InferenceConfig.model_validate({**cfg.model_dump(), **update}) if update else cfg
+
+
+def _packed_nvfp4(dit_dir: Path) -> bool:
+    try:
+        from longlive.quant.checkpoint import is_nvfp4_checkpoint
+    except ImportError:
+        return False
+    return is_nvfp4_checkpoint(dit_dir)
+
+
+def apply_quant(models: Models, variant: EvalVariantConfig, preset: Preset, packed: bool = False) -> dict:
+    """What quantization the measured DiT runs with. A quantize-stage export (``packed``) is NVFP4 already
+    (``load_models`` loads its packed weights as stored). Otherwise ``quant: nvfp4`` swaps the DiT's linears
+    for NVFP4 ones (``quant:`` settings pick backend and kept layers), so a high-precision export is measured
+    as it would run quantized; the conversion lives in ``longlive.quant``, imported only then."""
+    if packed:
+        return {"quant": "nvfp4", "nvfp4_source": "packed export (quantize stage)"}
+    if variant.quant == "none":
+        return {"quant": "none"}
+    try:
+        from longlive.quant.convert import convert_to_nvfp4
+    except ImportError as e:
+        raise EvaluateError(f"quant: nvfp4 needs longlive.quant.convert.convert_to_nvfp4, which is not importable "
+                            f"here ({e}); use quant: none or install the NVFP4 layers") from e
+    report = convert_to_nvfp4(models.dit, preset.quant)
+    return {"quant": "nvfp4", "nvfp4_source": "converted at load", "backend": report.backend,
+            "quantized_linears": len(report.quantized), "kept_linears": len(report.kept)}
+
+
+def load_variant(name: str, variant: EvalVariantConfig, preset: Preset, base_dir: str | os.PathLike,
+                 device: torch.device) -> tuple[Models, Preset, dict | None, dict]:
+    """Models on ``device`` (bf16 DiT on CUDA, as ``longlive generate``), the preset with the variant's
+    inference settings, the export's ``ar_config.json`` and what quantization did."""
+    dit_dir = resolve_checkpoint(variant.checkpoint)
+    if not dit_dir.is_dir():
+        raise EvaluateError(f"variant {name}: checkpoint {variant.checkpoint} not found; run the stage that "
+                            f"produces it (dvc repro) or fix evaluate.variants.{name}.checkpoint")
+    ar_config = read_ar_config(dit_dir)
+    if ar_config is not None and bool(ar_config.get("i2v")) != (variant.kind == "i2v"):
+        raise EvaluateError(f"variant {name}: kind {variant.kind} but {variant.checkpoint} was trained with "
+                            f"i2v={ar_config.get('i2v')}; fix evaluate.variants.{name}.kind")
+    preset = preset.model_copy(update={"inference": variant_inference(preset, variant, ar_config)})
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    models = load_models(preset, base_dir, dit_dir, device=device, dtype=dtype)
+    return models, preset, ar_config, apply_quant(models, variant, preset, packed=_packed_nvfp4(dit_dir))
+
+
+# ----------------------------------------------------------------------------- one variant
+
+
+def _curve(drift: dict, fps: int) -> list[dict]:
+    L = drift["segment_frames"]
+    return [{"segment": j, "time_s": round(j * L / fps, 4), "score": s, "match": m}
+            for j, (s, m) in enumerate(zip(drift["per_segment"], drift["per_segment_match"]))]
+
+
+def evaluate_variant(
+    name: str, variant: EvalVariantConfig, preset: Preset, cfg: EvaluateConfig, *,
+    base_dir: str | os.PathLike = "models/base", samples_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None, work_dir: str | os.PathLike | None = None,
+    prepare: Callable[[Models], None] | None = None,
+) -> VariantResult:
+    """Run every evaluation of one variant; ``prepare(models)`` runs after loading (the stage's hook for
+    wrapping the DiT, e.g. sequence parallel)."""
+    t_start = time.perf_counter()
+    device = resolve_device(str(device or preset.device))
+    models, vpreset, ar_config, quant = load_variant(name, variant, preset, base_dir, device)
+    if prepare is not None:
+        prepare(models)
+    image = variant.kind == "i2v"
+    vb = cfg.vbench
+    clip_videos = min(cfg.num_prompts, max(cfg.samples, vb.num_videos if vb.dimensions else 0))
+    prompts = heldout_prompts(vpreset, max(cfg.num_prompts, cfg.num_multishot, cfg.num_drift))
+    out = Path(samples_dir) if samples_dir is not None else None
+    fps = vpreset.video.fps
+    details: dict = {"kind": variant.kind, "checkpoint": variant.checkpoint, **quant,
+                     "ar_config": ar_config, "inference": vpreset.inference.model_dump(), "runtime_s": {}}
+    bar = tqdm(PHASES, desc=f"evaluate {name}", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
+    for phase in bar:
+        bar.set_postfix_str(phase)
+        t0 = time.perf_counter()
+        if phase == "clips":
+            fn = eval_i2v if image else eval_t2v
+            details[variant.kind] = fn(models, vpreset, prompts[: cfg.num_prompts], seed=cfg.seed, out_dir=out,
+                                       samples=clip_videos)
+        elif phase == "multishot":
+            details["multishot"] = eval_multishot(models, vpreset, prompts[: cfg.num_multishot], image=image,
+                                                  seed=cfg.seed, out_dir=out, samples=cfg.samples)
+        elif phase in ("schedule", "single"):
+            # the preset's own sink and re-cache settings: this measures the variant as it would be served
+            details[phase] = eval_drift(
+                models, vpreset, prompts[: cfg.num_drift], length_factor=cfg.length_factor, sink=True,
+                recache=vpreset.inference.recache_on_switch, switching=phase == "schedule", image=image,
+                seed=cfg.seed, out_dir=out, samples=cfg.samples, name=f"drift {phase}")
+        elif phase == "speed":
+            p0 = prompts[0]
+            img = first_frame(vpreset, p0) if image else None
+            seconds = cfg.speed.length_factor * clip_frames(vpreset) / fps
+            speed = measure_speed(
+                lambda: generate_video(models, vpreset, PromptSchedule.single(p0["caption"]), seconds=seconds,
+                                       image=img, seed=cfg.seed),
+                device, runs=cfg.speed.runs, warmup=cfg.speed.warmup)
+            details["speed"] = {**speed.metrics(), "memory_kind": speed.memory_kind, "pixel_frames": speed.pixel_frames,
+                                "runs": speed.runs, "warmup": cfg.speed.warmup, "seconds": seconds}
+        elif phase == "vbench" and vb.dimensions:
+            rows = details[variant.kind]["rows"][:clip_videos]
+            videos = [(out / f"{variant.kind}_{i:02d}.mp4", r["caption"]) for i, r in enumerate(rows)] if out else []
+            if not videos:
+                details["vbench"] = {"dimensions": {d: {"status": "skipped", "reason": "no sample videos were written "
+                                                        "(the stage was run without a samples directory)"}
+                                                    for d in vb.dimensions}}
+            else:
+                details["vbench"] = evaluate_vbench(videos, vb.dimensions, weights=vb.weights, python=vb.python,
+                                                    device=str(device), work_dir=work_dir)
+        details["runtime_s"][phase] = time.perf_counter() - t0
+        log.info("%s: %s done in %.1f s", name, phase, details["runtime_s"][phase])
+    bar.close()
+    total = time.perf_counter() - t_start
+    info = {"kind": variant.kind, "checkpoint": variant.checkpoint, "quant": quant["quant"],
+            "denoising_steps": ",".join(str(t) for t in vpreset.inference.denoising_steps),
+            "device": device_name(device), "device_class": device_class(device),
+            "memory_kind": details["speed"]["memory_kind"], "threads": torch.get_num_threads(),
+            "num_prompts": cfg.num_prompts, "num_multishot": cfg.num_multishot, "num_drift": cfg.num_drift,
+            "length_factor": cfg.length_factor}
+    metrics = variant_metrics(details, variant.kind)
+    metrics["weights_mb"] = weights_mb(models.dit)
+    metrics["runtime_s"] = total
+    metrics["info"] = info
+    curves = {phase: _curve(details[phase], fps) for phase in ("schedule", "single")}
+    return VariantResult(name, metrics, details, curves)
+
+
+def variant_metrics(details: dict, kind: str) -> dict:
+    """The flat numbers of one variant (what DVC shows and ``longlive regress`` gates)."""
+    q, ms, sch, sg, sp = details[kind], details["multishot"], details["schedule"], details["single"], details["speed"]
+    m = {"score": q["score"], "score_sem": q["score_sem"], "colour_acc": q["colour_acc"], "shape_acc": q["shape_acc"],
+         "motion_acc": q["motion_acc"], "match_rate": q["match_rate"], "object_rate": q["object_rate"]}
+    if "after_first" in q:
+        m["score_after_first"] = q["after_first"]["score"]
+    m.update({"multishot_score": ms["score"], "multishot_score_sem": ms["score_sem"],
+              "multishot_switch_rate": ms["transition_rate"], "multishot_stuck_rate": ms["stuck_rate"]})
+    for prefix, d in (("schedule", sch), ("drift", sg)):
+        m.update({f"{prefix}_score": d["mean"], f"{prefix}_score_sem": d["mean_sem"], f"{prefix}_first": d["first"],
+                  f"{prefix}_last": d["last"], f"{prefix}_slope": d["slope"]})
+    m.update({k: sp[k] for k in ("fps", "fps_median", "first_chunk_latency_s", "first_chunk_latency_median_s",
+                                 "peak_memory_mb", "kv_cache_mb")})
+    skipped = 0
+    for dim, r in details.get("vbench", {}).get("dimensions", {}).items():
+        if r["status"] == "computed":
+            m[f"vbench_{dim}"] = r["score"]
+        else:
+            skipped += 1  # never a number standing in for a dimension that did not run; report.md says why
+    if "vbench" in details:
+        m["vbench_not_computed"] = skipped
+    m["chance_score"] = CHANCE_SCORE
+    return m
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_evaluate(
+    preset: Preset, *, out_dir: str | os.PathLike = "reports/evaluate", base_dir: str | os.PathLike = "models/base",
+    names: list[str] | None = None, device: str | None = None, prepare: Callable[[Models], None] | None = None,
+    write: bool = True, work_dir: str | os.PathLike | None = None,
+) -> dict[str, VariantResult]:
+    """Evaluate ``names`` (default: every variant of ``preset.evaluate``) and write the outputs."""
+    cfg = preset.evaluate
+    if not cfg.variants:
+        raise EvaluateError(f"presets.{preset.name}.evaluate.variants is empty; add e.g. "
+                            f"ar_t2v: {{checkpoint: models/ar/t2v, kind: t2v}}")
+    names = names or list(cfg.variants)
+    unknown = [n for n in names if n not in cfg.variants]
+    if unknown:
+        raise EvaluateError(f"unknown variants {unknown}; evaluate.variants has {list(cfg.variants)}")
+    out_dir = Path(out_dir)
+    results = {}
+    for name in names:
+        results[name] = evaluate_variant(
+            name, cfg.variants[name], preset, cfg, base_dir=base_dir, device=device, prepare=prepare,
+            samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir)
+    if write:
+        write_outputs(results, preset, out_dir)
+    return results
+
+
+def write_outputs(results: dict[str, VariantResult], preset: Preset, out_dir: str | os.PathLike) -> None:
+    out_dir = Path(out_dir)
+    for name, r in results.items():
+        write_json(r.metrics, out_dir / METRICS_DIR / f"{name}.json")
+        for setting, rows in r.curves.items():
+            write_json(rows, out_dir / PLOTS_DIR / "drift" / f"{name}-{setting}.json")
+    write_json([{"variant": n, "fps": r.metrics["fps"], "first_chunk_latency_s": r.metrics["first_chunk_latency_s"],
+                 "peak_memory_mb": r.metrics["peak_memory_mb"]} for n, r in results.items()],
+               out_dir / PLOTS_DIR / "speed.json")
+    report = {"preset": preset.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "chance_score": CHANCE_SCORE, "match_chance": MATCH_CHANCE, "evaluate": preset.evaluate.model_dump(),
+              "variants": {n: {"metrics": r.metrics, "details": r.details} for n, r in results.items()}}
+    write_json(report, out_dir / "report.json")
+    _write_text(out_dir / "report.md", markdown_report(report))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _pm(m: dict, key: str) -> str:
+    sem = m.get(f"{key}_sem")
+    return _f(m.get(key)) + (f" ± {_f(sem)}" if sem is not None else "")
+
+
+def markdown_report(report: dict) -> str:
+    """The human summary: one table of headline numbers per variant, then VBench's status per dimension."""
+    c = report["chance_score"]
+    e = report["evaluate"]
+    lines = [f"# evaluate ({report['preset']} preset, {report['date']})", "",
+             f"Held-out prompts (synth clips >= 100000): {e['num_prompts']} single-prompt clips, {e['num_multishot']} "
+             f"two-shot videos, {e['num_drift']} videos of {e['length_factor']} training clips per drift setting. "
+             f"Scores: mean ± standard error over videos; chance {c:.3f}. Speed: best of {e['speed']['runs']} runs "
+             f"(median in metrics/*.json).", "",
+             "| variant | kind | steps | score | multi-shot | schedule (drift) | single prompt (drift) | drift last segment "
+             "| FPS | first chunk (s) | peak memory (MiB) | KV cache (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in report["variants"].items():
+        m, i = v["metrics"], v["metrics"]["info"]
+        lines.append(f"| {name} | {i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']} | "
+                     f"{_pm(m, 'score')} | {_pm(m, 'multishot_score')} | {_pm(m, 'schedule_score')} | "
+                     f"{_pm(m, 'drift_score')} | {_f(m['drift_last'])} | {_f(m['fps'], 1)} | "
+                     f"{_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | {_f(m['kv_cache_mb'], 2)} |")
+    first = next(iter(report["variants"].values()))["metrics"]["info"]
+    lines += ["", f"Device: {first['device']}; memory: `{first['memory_kind']}` (see longlive/eval/perf.py).", "",
+              "## VBench", ""]
+    for name, v in report["variants"].items():
+        vb = v["details"].get("vbench")
+        if not vb:
+            continue
+        lines += [f"**{name}** ({vb.get('videos', 0)} videos; package: {vb.get('package', '-')}; "
+                  f"weights: {vb.get('weights') or 'not set'})", "", "| dimension | status | score | source / reason |",
+                  "|---|---|---|---|"]
+        for dim, r in vb["dimensions"].items():
+            detail = r.get("source") if r["status"] == "computed" else r.get("reason", "")
+            lines.append(f"| {dim} | {r['status']} | {_f(r.get('score'))} | {detail} |")
+        lines.append("")
+    lines += ["Per-prompt rows, per-segment curves and timings: report.json; curves also in plots/drift/.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""`evaluate [VARIANT ...]`: speed, memory, prompt following, drift, VBench and samples of every checkpoint
+in ``evaluate.variants`` (params.yaml), written under reports/evaluate/ (see longlive.eval.suite).
+
+With ``parallel.nproc * parallel.nnodes > 1`` the stage re-runs itself under torchrun, one process per GPU
+(``longlive.parallel.launch``); each rank generates the same videos with the DiT split over the
+sequence-parallel group (``longlive.parallel.parallelize``) and rank 0 alone writes the outputs.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from longlive.eval.suite import EvaluateError, run_evaluate
+from stages._common import setup
+
+OUT = Path("reports/evaluate")
+
+
+def _parallel(preset, names: list[str]):
+    """(device, prepare, is_main, close) of a multi-process run. Outside torchrun this process is replaced
+    by torchrun running this stage (longlive.parallel.launch); the single-process path never imports
+    longlive.parallel."""
+    try:
+        from longlive.parallel import init_parallel, parallelize, shutdown
+        from longlive.parallel.launch import torchrun_command
+        from longlive.parallel.mesh import torchrun_env
+    except ImportError as e:
+        sys.exit(f"evaluate: parallel.nproc * nnodes = {preset.parallel.world_size} needs longlive.parallel "
+                 f"({e}); set parallel.nproc: 1 to evaluate in one process")
+    if torchrun_env() is None:
+        cmd = torchrun_command(preset.parallel, "stages.evaluate", names)
+        print("evaluate:", " ".join(cmd), file=sys.stderr, flush=True)
+        os.execv(cmd[0], cmd)
+    state = init_parallel(preset.parallel, device=preset.device)
+    # every rank generates the same videos (SP splits each one's tokens); rank 0 alone writes
+    return str(state.device), (lambda models: parallelize(models.dit, state)), state.is_main, (lambda: shutdown(state))
+
+
+def main(argv: list[str] | None = None) -> None:
+    preset = setup("evaluate")
+    names = sys.argv[1:] if argv is None else argv
+    cfg = preset.evaluate
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device, prepare, is_main, close = None, None, True, lambda: None
+    if preset.parallel.world_size > 1:
+        device, prepare, is_main, close = _parallel(preset, names)
+    try:
+        results = run_evaluate(preset, out_dir=OUT, base_dir=Path("models/base"), names=names or None, device=device,
+                               prepare=prepare, write=is_main, work_dir=Path(".work/evaluate"))
+    except EvaluateError as e:
+        sys.exit(f"evaluate: {e}")
+    finally:
+        close()
+    if is_main:
+        for name, r in results.items():
+            m = r.metrics
+            print(f"{name}: score {m['score']:.3f} ± {m['score_sem']:.3f}, multi-shot {m['multishot_score']:.3f}, "
+                  f"drift {m['drift_score']:.3f} (last {m['drift_last']:.3f}), {m['fps']:.1f} fps, first chunk "
+                  f"{m['first_chunk_latency_s']:.3f} s, peak {m['peak_memory_mb']:.1f} MiB ({m['info']['memory_kind']})")
+        print(f"wrote {OUT}/metrics/*.json, {OUT}/report.md and samples")
+
+
+if __name__ == "__main__":
+    main()
