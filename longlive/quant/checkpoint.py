@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from longlive.config import DiTConfig, QuantConfig
+from longlive.io import atomic_dir
 from longlive.models.dit import WanDiT
 from longlive.quant.convert import ConversionReport, convert_to_nvfp4
 
@@ -33,11 +32,9 @@ def is_nvfp4_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_nvfp4_dit(model: WanDiT, path: str | os.PathLike, cfg: QuantConfig, report: ConversionReport) -> Path:
-    """Write a converted model to directory ``path`` atomically (a sibling temp dir, then renamed)."""
+    """Write a converted model to directory ``path`` atomically (``longlive.io.atomic_dir``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE),
                   metadata={"format": FORMAT, "backend": report.backend, "scale_rule": cfg.scale_rule})
@@ -51,12 +48,6 @@ def save_nvfp4_dit(model: WanDiT, path: str | os.PathLike, cfg: QuantConfig, rep
             "backend_note": "the backend used when converting; loading picks one for its device (auto)",
             "quantized_layers": report.quantized, "kept_layers": report.kept,
         }, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
