@@ -112,9 +112,9 @@ def test_wrong_shape_and_stats_fail(clean_url, tiny_preset, tmp_path):
         if s["__key__"] == "clip-000002":
             s["latents.npy"] = (s["latents.npy"].astype(np.float32) * 100).astype(np.float16)
 
-    report = validate(rewrite(clean_url, tmp_path / "big", scale), tiny_preset, latent_shapes=[[16, 9, 8, 8]])
+    report = validate(rewrite(clean_url, tmp_path / "big", scale), tiny_preset, latent_shapes=[[16, 5, 8, 8]])  # not the clips' shape
     bad = failed(report)
-    assert "latent shape in ['16x9x8x8']" in bad and bad["latent shape in ['16x9x8x8']"].examples[0].startswith("clip-")
+    assert "latent shape in ['16x5x8x8']" in bad and bad["latent shape in ['16x5x8x8']"].examples[0].startswith("clip-")
     std = next(c for c in bad.values() if c.column == "latent_std")
     assert std.examples[0].startswith("clip-000002")
 
