@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from longlive.config import load_preset
+from longlive.eval.perf import cpu_name
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
 from longlive.eval.quality import (
     DRIFT_SETTINGS, HELDOUT_START, eval_references, evaluate, heldout_prompts, load_checkpoint, write_json,
@@ -76,15 +76,7 @@ def runs() -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def commit() -> str:

@@ -36,19 +36,22 @@ import torch
 MiB = 2**20
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     """``cpu (AMD EPYC, 2 cores)`` or the GPU's name: what speed and memory figures are tied to."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def device_class(device: torch.device) -> str:
