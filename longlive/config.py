@@ -549,6 +549,10 @@ class EvaluateConfig(_Strict):
 class Preset(_Strict):
     name: str
     seed: int = 0
+    # Fixed, not "all cores": a CPU float reduction is split by thread, so a different thread count gives
+    # different bits, and a few hundred training steps amplify those into different models (CI's 2-thread
+    # rerun of the tiny DAG scored up to 0.2 apart from a 1-thread run). None keeps torch's default.
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op CPU threads for every stage")
     device: str = "auto"
     video: VideoConfig
     vae: VAEConfig

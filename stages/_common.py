@@ -22,6 +22,10 @@ def setup(stage: str) -> Preset:
         preset = load_preset()
     except ConfigError as e:
         sys.exit(f"{stage}: {e}")
+    if preset.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(preset.cpu_threads)  # see Preset.cpu_threads: the same bits on any CPU
     logging.getLogger(stage).info("stage %s, preset %s", stage, preset.name)
     return preset
 

@@ -79,3 +79,21 @@ def test_cli_config_prints_and_fails_cleanly(tmp_path, capsys):
     assert '"num_layers": 30' in capsys.readouterr().out
     assert main(["config", "--params", str(write_params(tmp_path, lambda p: p["dit"].update(num_heads=0)))]) == 2
     assert "presets.tiny.dit.num_heads" in capsys.readouterr().err
+
+
+def test_stage_setup_pins_the_presets_cpu_threads(monkeypatch):
+    # A different thread count gives different float bits and, after training, different models: the tiny
+    # preset pins one so CI reproduces the committed regression baseline exactly.
+    import torch
+
+    from stages._common import setup
+
+    monkeypatch.delenv("LONGLIVE_PRESET", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        preset = setup("test")
+        assert preset.cpu_threads == 1 and torch.get_num_threads() == 1
+        assert load_preset("wan22-5b").cpu_threads is None  # GPU presets keep torch's default
+    finally:
+        torch.set_num_threads(before)

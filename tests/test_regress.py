@@ -65,16 +65,28 @@ def test_direction_aware_tolerances(change, metric, fails):
 
 def test_sigma_tolerance_has_a_floor_and_a_cap():
     base = {"variants": {"a": metrics()}}
-    # schedule: sem 0.25 would allow a drop of 1.06; the cap (0.15) still catches a collapse
-    r = compare(base, {"a": metrics(schedule_score=0.19)})
+    # schedule: sem 0.25 would allow a drop of 1.06; the cap (0.3) still catches a collapse
+    r = compare(base, {"a": metrics(schedule_score=0.04)})
     assert statuses(r)["a.schedule_score"] == "REGRESSED"
-    assert compare(base, {"a": metrics(schedule_score=0.21)}).passed
+    assert compare(base, {"a": metrics(schedule_score=0.06)}).passed
     # drift: no sem on either side -> only the floor 0.03
     r = compare(base, {"a": metrics(drift_score=0.26)})
     assert statuses(r)["a.drift_score"] == "REGRESSED"
     # a sem on one side only counts for both
     one = compare({"variants": {"a": metrics(score_sem=None)}}, {"a": metrics(score=0.28)})
     assert one.passed and one.checks[0].allowed == pytest.approx(3 * 0.03 * 2**0.5)
+
+
+def test_a_score_at_chance_fails_even_within_its_tolerance():
+    base = {"variants": {"a": metrics(chance_score=0.22)}}
+    # the schedule score's sem (0.25) and the cap allow a drop of 0.3, but 0.25 is within 0.05 of chance
+    r = compare(base, {"a": metrics(schedule_score=0.25, chance_score=0.22)})
+    assert statuses(r)["a.schedule_score"] == "REGRESSED"
+    assert "a.schedule_score dropped 0.35 -> 0.25 (at chance" in r.summary()
+    assert compare(base, {"a": metrics(schedule_score=0.28, chance_score=0.22)}).passed
+    # a baseline already near chance is not failed by the chance rule, only by its tolerance
+    low = {"variants": {"a": metrics(schedule_score=0.24, chance_score=0.22)}}
+    assert compare(low, {"a": metrics(schedule_score=0.23, chance_score=0.22)}).passed
 
 
 def test_speed_and_memory_are_compared_only_on_the_same_device_class():

@@ -14,10 +14,18 @@ its direction and tolerance. Tolerances bound how much *worse* the current value
 * ``{"abs": a}``: ``a``;
 * ``{"sigma": k, "abs": a, "max": m}``: ``k * sqrt(sem_baseline**2 + sem_current**2)`` from the
   ``<metric>_sem`` beside the metric, at least ``a`` and at most ``m``: a drop must be significant given
-  how many held-out videos produced each figure (scores on a few dozen videos move by a few hundredths
-  between machines; a broken model drops to near zero), and a drop larger than ``m`` fails however few
-  videos there were (drift over two long videos has a standard error of 0.1-0.3). Without a standard
-  error on either side only the floor ``a`` applies.
+  how many held-out videos produced each figure, and a drop larger than ``m`` fails however few videos
+  there were. Without a standard error on either side only the floor ``a`` applies.
+
+  Why a cap of 0.3 on scores: the tiny models are trained from scratch, and a training run's outcome
+  moves more than the evaluation's sem says. Measured: the same commit retrained with 2 CPU threads
+  instead of 1 (different float reductions, amplified by training) moved the 8 variants' scores by up to
+  0.21 (schedule score, sem 0.055; 5 of 32 score figures moved by more than 0.1). Hence the presets pin
+  ``cpu_threads``, so CI reproduces the baseline bit for bit, and the cap leaves room for an honest
+  retraining elsewhere. A collapsed model is caught regardless by the chance rule below.
+
+* Scores must stay at least :data:`CHANCE_MARGIN` above the variant's ``chance_score`` (an untrained or
+  broken model's level) whenever the baseline did: a model at chance fails however noisy its figures.
 
 Peak memory has a CPU tolerance of its own (RSS is noisy, CUDA's allocator peak is not).
 
@@ -58,12 +66,11 @@ class Rule:
     cpu_tolerance: dict | None = None  # instead of ``tolerance`` when the run was on the CPU
 
 
-_SCORE = Rule(True, {"sigma": 3.0, "abs": 0.03, "max": 0.15})
+_SCORE = Rule(True, {"sigma": 3.0, "abs": 0.03, "max": 0.3})
+SCORES = ("score", "multishot_score", "schedule_score", "drift_score")
+CHANCE_MARGIN = 0.05
 RULES: dict[str, Rule] = {
-    "score": _SCORE,
-    "multishot_score": _SCORE,
-    "schedule_score": _SCORE,
-    "drift_score": _SCORE,
+    **{name: _SCORE for name in SCORES},
     "fps": Rule(True, {"rel": 0.5}, hardware=True),
     "first_chunk_latency_s": Rule(False, {"rel": 1.0}, hardware=True),
     # CUDA's allocator peak is repeatable; the CPU's peak RSS moves by tens of percent between runs (see
@@ -240,7 +247,8 @@ def _describe(c: Check) -> str:
     if c.status == "MISSING":
         return f"{c.variant}.{c.metric} missing ({c.note})"
     word = "dropped" if c.higher_is_better else "rose"
-    return f"{c.variant}.{c.metric} {word} {_fmt(c.baseline)} -> {_fmt(c.current)} (allowed {_allowed(c)})"
+    why = c.note or f"allowed {_allowed(c)}"
+    return f"{c.variant}.{c.metric} {word} {_fmt(c.baseline)} -> {_fmt(c.current)} ({why})"
 
 
 def _number(x) -> float | None:
@@ -312,7 +320,11 @@ def compare(baseline: dict, current: dict[str, dict], *, hardware: str = "auto",
             worse = (b - c) if rule.higher_is_better else (c - b)
             eps = 1e-9 * max(1.0, abs(b))
             status = "REGRESSED" if worse > allowed + eps else "better" if -worse > allowed + eps else "ok"
-            result.checks.append(Check(variant, metric, b, c, allowed, rule.higher_is_better, status))
+            note = ""
+            chance = _number(cur.get("chance_score"))
+            if metric in SCORES and chance is not None and c < chance + CHANCE_MARGIN <= b:
+                status, note = "REGRESSED", f"at chance: below {chance:.3g} + {CHANCE_MARGIN}"
+            result.checks.append(Check(variant, metric, b, c, allowed, rule.higher_is_better, status, note))
     for variant in current:
         if variant not in baseline["variants"]:
             result.checks.append(Check(variant, "*", None, None, None, None, "new",
