@@ -37,3 +37,42 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with the metadata in sorted order: the same tensors give the same bytes.
+
+    safetensors serialises ``__metadata__`` from a Rust hash map, whose order changes from one process to
+    the next, so a model written twice had two checksums (DVC reran everything downstream of it and a
+    release's manifest changed). The header is rewritten with sorted metadata; its length is unchanged
+    (the same keys and values), so the tensor offsets still hold.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # never expected: the same content, reordered
+        raise RuntimeError(f"rewritten safetensors header is longer ({len(text)} > {n} bytes)")
+    return raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :]
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` atomically (a temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -27,7 +27,8 @@ its direction and tolerance. Tolerances bound how much *worse* the current value
 * Scores must stay at least :data:`CHANCE_MARGIN` above the variant's ``chance_score`` (an untrained or
   broken model's level) whenever the baseline did: a model at chance fails however noisy its figures.
 
-Peak memory has a CPU tolerance of its own (RSS is noisy, CUDA's allocator peak is not).
+Speed, latency and peak memory have CPU tolerances of their own (a shared CPU's timing and RSS are noisy;
+CUDA events and the allocator's peak are not).
 
 A baseline may override tolerances by metric (``"score"``) or variant and metric (``"ar_t2v.fps"``) in its
 ``tolerances``. Speed and memory (``hardware`` rules) are compared only when baseline and current ran on
@@ -71,8 +72,11 @@ SCORES = ("score", "multishot_score", "schedule_score", "drift_score")
 CHANCE_MARGIN = 0.05
 RULES: dict[str, Rule] = {
     **{name: _SCORE for name in SCORES},
-    "fps": Rule(True, {"rel": 0.5}, hardware=True),
-    "first_chunk_latency_s": Rule(False, {"rel": 1.0}, hardware=True),
+    # On a GPU speed may halve / latency double. On a shared 2-core CPU the same commit measured 40.6,
+    # 87.3 and 96.6 FPS (dmd_t2v_2step) depending on what else the machine ran, so there only a 4x
+    # slowdown fails: CPU timing catches a broken hot path (a stray O(n^2), a host sync per frame), not 10%.
+    "fps": Rule(True, {"rel": 0.5}, hardware=True, cpu_tolerance={"rel": 0.75}),
+    "first_chunk_latency_s": Rule(False, {"rel": 1.0}, hardware=True, cpu_tolerance={"rel": 3.0}),
     # CUDA's allocator peak is repeatable; the CPU's peak RSS moves by tens of percent between runs (see
     # longlive/eval/perf.py), so there only a doubling fails. kv_cache_mb and weights_mb are exact.
     "peak_memory_mb": Rule(False, {"rel": 0.25}, hardware=True, cpu_tolerance={"rel": 1.0}),

@@ -5,7 +5,8 @@ or the model file (the swapped modules are the parameter-free children ``Block.m
 ``Block.residual`` and ``Attention.core``, made for this):
 
 * **kernels** (``kernels=True``): each block's LayerNorm + adaLN modulation, gated residuals and RoPE run
-  as fused Triton kernels (``kernels/adaln.py``, ``kernels/rope.py``) when their tensors are on a CUDA
+  as fused Triton kernels (``kernels/adaln.py``, ``kernels/rope.py``; with ``nvfp4_attention=True`` also
+  self-attention over an NVFP4 KV cache, ``kernels/nvfp4_attention.py``), when their tensors are on a CUDA
   device; elsewhere -- and everywhere while ``LONGLIVE_KERNELS=0`` -- the same modules run the PyTorch
   reference (``longlive.kernels_dispatch``). A sequence-parallel wrapper around ``attn1.core`` is kept: the
   fused core goes inside it.
@@ -62,7 +63,29 @@ class FusedGatedResidual(GatedResidual):
 
 
 class FusedAttentionCore(AttentionCore):
-    """:class:`AttentionCore` whose RoPE is the one-pass kernel ``kernels/rope.py``."""
+    """:class:`AttentionCore` whose RoPE is the one-pass kernel ``kernels/rope.py``.
+
+    With ``nvfp4_attention`` (off by default), self-attention over an NVFP4 KV cache (a storage with
+    ``update_packed``) with no mask is one Triton kernel (``kernels/nvfp4_attention.py``) that reads the cache
+    packed and dequantizes, rotates and attends in registers, instead of dequantize + cat + RoPE + SDPA; the
+    storage stores the new K/V exactly as :meth:`AttentionCore.forward` would. Off by default because on an
+    H100 at Wan2.2-5B's shape it is ~6x slower than the path it replaces (36 vs 6.1 ms per layer call;
+    ``benchmarks/results/nvfp4_kv_attention_h100.md``); what it saves is ~0.9 GiB of temporaries per call (41 vs 971 MiB).
+    """
+
+    def __init__(self, nvfp4_attention: bool = False) -> None:
+        super().__init__()
+        self.nvfp4_attention = nvfp4_attention
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, rope=None, key_rope=None, mask=None, kv_cache=None,
+                layer: int = 0) -> Tensor:
+        update_packed = getattr(getattr(kv_cache, "storage", None), "update_packed", None)
+        if self.nvfp4_attention and update_packed is not None and mask is None and rope is not None and use_kernel(q, k, v):
+            from kernels.nvfp4_attention import nvfp4_attention
+
+            k_held, v_held = update_packed(layer, k, v, write=kv_cache.write) or (None, None)
+            return nvfp4_attention(self.rotate(q, *rope), k_held, v_held, k, v, *(key_rope or rope))
+        return super().forward(q, k, v, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if use_kernel(x, cos):
@@ -82,12 +105,13 @@ def _swap_core(attn: nn.Module, make) -> None:
     setattr(owner, name, make())
 
 
-def apply_kernels(dit: WanDiT) -> None:
-    """Kernel-backed ``modulate``, ``residual`` and attention cores in every block (idempotent)."""
+def apply_kernels(dit: WanDiT, *, nvfp4_attention: bool = False) -> None:
+    """Kernel-backed ``modulate``, ``residual`` and attention cores in every block (idempotent);
+    ``nvfp4_attention``: see :class:`FusedAttentionCore`."""
     for block in dit.blocks:
         block.modulate, block.residual = FusedModulate(), FusedGatedResidual()
         for attn in (block.attn1, block.attn2):
-            _swap_core(attn, FusedAttentionCore)
+            _swap_core(attn, lambda: FusedAttentionCore(nvfp4_attention))
 
 
 def remove_kernels(dit: WanDiT) -> None:
@@ -169,15 +193,15 @@ def compile_blocks(dit: WanDiT, **compile_kwargs) -> None:
 
 
 def optimize(dit: WanDiT, *, kernels: bool = True, compile: bool = False, fp8: bool = False,
-             keep_high_precision: list[str] | None = None) -> dict:
+             keep_high_precision: list[str] | None = None, nvfp4_attention: bool = False) -> dict:
     """Set ``dit`` up for streaming inference in place (see the module docstring); returns what was applied."""
-    applied = {"kernels": kernels, "compile": compile, "fp8": False}
+    applied = {"kernels": kernels, "compile": compile, "fp8": False, "nvfp4_attention": kernels and nvfp4_attention}
     if fp8:
         from longlive.quant.fp8 import convert_to_fp8
 
         applied["fp8"] = len(convert_to_fp8(dit, keep_high_precision))
     if kernels:
-        apply_kernels(dit)
+        apply_kernels(dit, nvfp4_attention=nvfp4_attention)
     apply_context_memo(dit)
     if compile:
         compile_blocks(dit)

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from longlive.config import DiTConfig, QuantConfig
-from longlive.io import atomic_dir
+from longlive.io import atomic_dir, save_safetensors
 from longlive.models.dit import WanDiT
 from longlive.quant.convert import ConversionReport, convert_to_nvfp4
 
@@ -36,8 +36,8 @@ def save_nvfp4_dit(model: WanDiT, path: str | os.PathLike, cfg: QuantConfig, rep
     path = Path(path)
     with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": FORMAT, "backend": report.backend, "scale_rule": cfg.scale_rule})
+        save_safetensors(state, tmp / WEIGHTS_FILE,
+                         metadata={"format": FORMAT, "backend": report.backend, "scale_rule": cfg.scale_rule})
         (tmp / "config.json").write_text(json.dumps({
             "dit": model.cfg.model_dump(mode="json"), "in_channels": model.in_channels,
             "out_channels": model.out_channels, "text_dim": model.text_dim}, indent=2) + "\n")

@@ -20,7 +20,9 @@ the first write has told the storage how many tokens a frame has (one reallocati
 block); if a write ever needs more it grows geometrically and logs it.
 
 Reading dequantizes the held tokens (``kernels.nvfp4_quant_ref.dequantize_rows``, plain PyTorch) and
-concatenates the new, unquantized ones; attention is then the usual SDPA. Quantization uses the
+concatenates the new, unquantized ones; attention is then the usual SDPA. :meth:`NVFP4KVStorage.update_packed`
+instead hands the packed views to a Triton attention kernel that dequantizes in registers
+(``kernels/nvfp4_attention.py``; opt-in through ``longlive.inference.fast``). Quantization uses the
 Triton kernel (``kernels/nvfp4_quant.py``) on CUDA and its PyTorch reference elsewhere (bit-identical).
 """
 
@@ -36,6 +38,8 @@ from kernels.nvfp4_quant_ref import quantize_rows as quantize_rows_ref
 
 log = logging.getLogger(__name__)
 
+Packed = tuple[Tensor, Tensor, Tensor]  # (packed, scales, global_) of some tokens of K or V
+
 
 def _quantize_rows(x: Tensor, g: Tensor, inv_g: Tensor) -> tuple[Tensor, Tensor]:
     if x.device.type == "cuda":
@@ -46,6 +50,13 @@ def _quantize_rows(x: Tensor, g: Tensor, inv_g: Tensor) -> tuple[Tensor, Tensor]
 
             return quantize_rows(x, g, inv_g)
     return quantize_rows_ref(x, g, inv_g)
+
+
+def _dequantize(views: Packed, dtype: torch.dtype) -> Tensor:
+    """(B, n, C) ``dtype`` from (packed, scales, global_) views of n tokens."""
+    p, s, g = views
+    B, n = g.shape
+    return dequantize_rows(p.reshape(B * n, -1), s.reshape(B * n, -1), g.reshape(-1), dtype).view(B, n, -1)
 
 
 class _Buffers:
@@ -73,11 +84,13 @@ class _Buffers:
         self.scales[:, start : start + S] = scales.view(B, S, -1)
         self.global_[:, start : start + S] = g.view(B, S)
 
+    def view(self, length: int) -> Packed:
+        """(packed, scales, global_) of the first ``length`` tokens: views, no copy."""
+        return tuple(t[:, :length] for t in self.tensors())
+
     def read(self, length: int, dtype: torch.dtype) -> Tensor:
         """(B, length, C) dequantized."""
-        B = self.packed.shape[0]
-        p, s, g = (t[:, :length].reshape(B * length, *t.shape[2:]) for t in self.tensors())
-        return dequantize_rows(p, s, g.reshape(-1), dtype).view(B, length, -1)
+        return _dequantize(self.view(length), dtype)
 
     def move(self, src: slice, dst: slice) -> None:
         for t in self.tensors():
@@ -110,23 +123,31 @@ class NVFP4KVStorage:
 
     def update(self, layer: int, k: Tensor, v: Tensor, write: bool) -> tuple[Tensor, Tensor]:
         """Cached K/V (dequantized to k's dtype) followed by the new ones; stores the new ones if ``write``."""
+        held = self.update_packed(layer, k, v, write)
+        if held is None:
+            return k, v
+        k_held, v_held = (_dequantize(views, x.dtype).view(x.shape[0], -1, *x.shape[2:])
+                          for views, x in zip(held, (k, v)))
+        return torch.cat((k_held, k), dim=1), torch.cat((v_held, v), dim=1)
+
+    def update_packed(self, layer: int, k: Tensor, v: Tensor, write: bool) -> tuple[Packed, Packed] | None:
+        """Like :meth:`update` for a kernel that reads the cache packed (``kernels/nvfp4_attention.py``): the
+        held K and V as ``(packed, scales, global_)`` views of their ``n`` tokens (None when empty), taken
+        before the new K/V are stored (if ``write``) behind them -- rows a write never touches, and a growing
+        write leaves the old buffers to the views."""
         B, S, H, D = k.shape
         if D % BLOCK:
             raise ValueError(f"the NVFP4 KV cache needs head_dim divisible by {BLOCK}, got {D}; use kv_cache: dense")
         n = self.length[layer]
         if n and self._shape != (B, H, D):
             raise ValueError(f"K/V of shape (B, H, D) = {(B, H, D)} written to a cache holding {self._shape}; reset it first")
-        held = None
-        if n:
-            held = (self.k[layer].read(n, k.dtype).view(B, n, H, D), self.v[layer].read(n, v.dtype).view(B, n, H, D))
+        held = (self.k[layer].view(n), self.v[layer].view(n)) if n else None
         if write:
             self._reserve(layer, n + S, (B, H, D), k.device)
             self.k[layer].write(n, k.reshape(B, S, H * D))
             self.v[layer].write(n, v.reshape(B, S, H * D))
             self.length[layer] = n + S
-        if held is None:
-            return k, v
-        return torch.cat((held[0], k), dim=1), torch.cat((held[1], v), dim=1)
+        return held
 
     def frames_written(self, num_frames: int) -> None:
         """The cache now holds ``num_frames`` frames: learn tokens per frame, and reserve ``max_frames`` once."""

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -291,25 +289,15 @@ def save(t: NVFP4Tensor, path: str | os.PathLike) -> None:
     The E4M3 scales are stored as their uint8 bit patterns so any safetensors reader can load the
     file; the metadata names the format, its version and the logical shape.
     """
-    from safetensors.torch import save_file
+    from longlive.io import save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "packed": t.packed.contiguous().cpu(),
         "block_scales": t.block_scales.contiguous().view(torch.uint8).cpu(),
         "global_scale": t.global_scale.reshape(1).cpu(),
     }
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shape": json.dumps(list(t.shape))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> NVFP4Tensor:
