@@ -77,9 +77,10 @@ RULES: dict[str, Rule] = {
     # slowdown fails: CPU timing catches a broken hot path (a stray O(n^2), a host sync per frame), not 10%.
     "fps": Rule(True, {"rel": 0.5}, hardware=True, cpu_tolerance={"rel": 0.75}),
     "first_chunk_latency_s": Rule(False, {"rel": 1.0}, hardware=True, cpu_tolerance={"rel": 3.0}),
-    # CUDA's allocator peak is repeatable; the CPU's peak RSS moves by tens of percent between runs (see
-    # longlive/eval/perf.py), so there only a doubling fails. kv_cache_mb and weights_mb are exact.
-    "peak_memory_mb": Rule(False, {"rel": 0.25}, hardware=True, cpu_tolerance={"rel": 1.0}),
+    # CUDA's allocator peak is repeatable; the CPU's peak RSS increase is not (see longlive/eval/perf.py):
+    # the same commit measured 44.9, 52.3 and 90.0 MiB for ar_t2v, the first variant evaluated, which also
+    # pays one-time allocations. So there only a 4x growth fails. kv_cache_mb and weights_mb are exact.
+    "peak_memory_mb": Rule(False, {"rel": 0.25}, hardware=True, cpu_tolerance={"rel": 3.0}),
     "kv_cache_mb": Rule(False, {"rel": 0.01}, hardware=True),
     "weights_mb": Rule(False, {"rel": 0.01}, hardware=True),
 }
