@@ -20,7 +20,7 @@ its direction and tolerance. Tolerances bound how much *worse* the current value
   Why a cap of 0.3 on scores: the tiny models are trained from scratch, and a training run's outcome
   moves more than the evaluation's sem says. Measured: the same commit retrained with 2 CPU threads
   instead of 1 (different float reductions, amplified by training) moved the 8 variants' scores by up to
-  0.21 (schedule score, sem 0.055; 5 of 32 score figures moved by more than 0.1). Hence the presets pin
+  0.21 (schedule score, sem 0.055; 10 of 32 score figures moved by more than 0.1). Hence the presets pin
   ``cpu_threads``, so CI reproduces the baseline bit for bit, and the cap leaves room for an honest
   retraining elsewhere. A collapsed model is caught regardless by the chance rule below.
 
