@@ -52,6 +52,7 @@ def test_default_preset_comes_from_the_file_and_env(tmp_path, monkeypatch):
         (lambda p: p["synth"].update(multishot_fraction=1.5), "presets.tiny.synth.multishot_fraction", "less than or equal to 1"),
         (lambda p: p.pop("dit"), "presets.tiny.dit", "missing"),
         (lambda p: p.update(dti={}), "presets.tiny.dti", "Extra inputs are not permitted"),
+        (lambda p: p.update(cpu_threads=0), "presets.tiny.cpu_threads", "greater than or equal to 1"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, words):
