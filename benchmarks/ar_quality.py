@@ -88,6 +88,16 @@ def commit() -> str:
         return "unknown"
 
 
+def write_results(result: dict, out: Path, markdown_text: str) -> Path:
+    """``result`` as JSON at ``out`` and ``markdown_text`` beside it (``.md``), each written atomically."""
+    write_json(result, out)
+    md = out.with_suffix(".md")
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(markdown_text)
+    os.replace(tmp, md)
+    return md
+
+
 def f(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -180,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     models, cfg_preset, _ = load_checkpoint(preset, ROOT / "models/ar/t2v", ROOT / "models/base")
     result["references"] = eval_references(models, cfg_preset, heldout_prompts(preset, args.num_prompts))
     result["runtime_s"] = time.perf_counter() - t0
-    write_json(result, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(result))
-    os.replace(tmp, md)
+    md = write_results(result, out, markdown(result))
     print(f"wrote {out} and {md} in {result['runtime_s']:.0f} s", file=sys.stderr)
     return 0
 

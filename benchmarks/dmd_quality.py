@@ -23,10 +23,10 @@ import torch
 
 from longlive.config import load_preset
 from longlive.eval.prompt_following import CHANCE_SCORE
-from longlive.eval.quality import evaluate, load_checkpoint, write_json
+from longlive.eval.quality import evaluate, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ar_quality import commit, f, machine  # noqa: E402  (same folder: shared provenance helpers)
+from ar_quality import commit, f, machine, write_results  # noqa: E402  (same folder: shared provenance helpers)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -107,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             m = ROOT / "reports/train_dmd" / f"{variant}-{student}" / "metrics.json"
             result["train_dmd"][f"{variant}-{student}"] = json.loads(m.read_text()) if m.is_file() else {}
     result["runtime_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    write_json(result, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(result))
-    os.replace(tmp, md)
+    write_results(result, Path(args.out), markdown(result))
     print(markdown(result))
     return 0
 
