@@ -1,0 +1,196 @@
+"""8-bit self-attention (``kernels/fp8_attention.py``) against bf16 SDPA at LongLive 2.0's shapes (issue 6).
+
+One steady streaming block's self-attention of the Wan2.2-5B DiT: 24 heads of 128, 8 new latent frames
+attending to a window of 24 cached + 8 (704x1280: 7040 queries over 28160 keys; 480x832: 3120 over
+12480). Times, on one GPU (``triton.testing.do_bench``, median):
+
+* bf16 SDPA in both layouts -- contiguous (B, H, S, D) as the ceiling measures it, and the (B, S, H, D)
+  views the pipeline hands it (q transposed, K/V views of the cache's buffers) -- with PyTorch's default
+  choice and each backend forced (flash, cuDNN, memory-efficient);
+* ours: the three quantizers and the attention launch for a sweep of tile configurations, then the whole
+  call with the best one;
+* errors on the first 1024 queries against float32 attention: bf16 SDPA's, ours, and ours against its
+  reference.
+
+    python benchmarks/fp8_attention.py --out-dir benchmarks/results      # writes fp8_attention_<gpu>.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels import fp8_attention as kern  # noqa: E402
+from kernels import fp8_attention_ref as ref  # noqa: E402
+
+SHAPES = {"704x1280": (7040, 28160), "480x832": (3120, 12480)}
+HEADS, HEAD_DIM = 24, 128
+CONFIGS = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
+           (128, 64, 4, 3)]
+
+
+def e4m3_codes(x: torch.Tensor, per_token: bool):
+    """(B, S, H, D) -> E4M3 codes (B, H, S, D) with a scale per token or per (sample, head): the speed
+    comparison's other number formats for q.k (not the library's)."""
+    x = x.transpose(1, 2).float()
+    amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax(dim=(2, 3), keepdim=True)
+    amax = amax.clamp(min=1e-12)
+    codes = (x * (448.0 / amax)).clamp(-448, 448).to(torch.float8_e4m3fn).contiguous()
+    return codes, (amax / 448.0).squeeze(-1) if per_token else (amax / 448.0).flatten(1)
+
+
+def bench(fn) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def tflops(sq: int, sk: int, ms: float) -> float:
+    return 4 * sq * sk * HEAD_DIM * HEADS / (ms * 1e-3) / 1e12
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def sdpa_rows(sq: int, sk: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.randn(1, HEADS, sq, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    kv = torch.randn(2, 1, HEADS, sk, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    # the pipeline's layout: (B, S, H, D) tensors; K/V views of a cache buffer with spare rows
+    q_bshd = torch.randn(1, sq, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+    buf = torch.randn(2, 1, sk + 7040, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    k_view, v_view = buf[0, :, :sk].transpose(1, 2), buf[1, :, :sk].transpose(1, 2)
+    rows = []
+    for layout, args in [("(B,H,S,D) contiguous", (q, kv[0], kv[1])), ("(B,S,H,D) views (pipeline)", (q_bshd, k_view, v_view))]:
+        for name, backend in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+            try:
+                if backend is None:
+                    ms = bench(lambda: F.scaled_dot_product_attention(*args))
+                else:
+                    with sdpa_kernel(backend):
+                        F.scaled_dot_product_attention(*args)
+                        ms = bench(lambda: F.scaled_dot_product_attention(*args))
+            except RuntimeError as e:
+                rows.append({"impl": f"bf16 SDPA {name}", "layout": layout, "error": str(e).splitlines()[0][:120]})
+                continue
+            rows.append({"impl": f"bf16 SDPA {name}", "layout": layout, "ms": ms, "tflops": tflops(sq, sk, ms)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ours_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dt = torch.bfloat16
+    q = torch.randn(1, sq, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    buf = torch.randn(2, 1, sk + 7040, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    k, v = buf[0, :, :sk], buf[1, :, :sk]
+    rows = []
+    quant = {"quantize q": bench(lambda: kern.quantize_q(q)), "quantize k (mean + codes)": bench(lambda: kern.quantize_k(k)),
+             "quantize v (amax + codes)": bench(lambda: kern.quantize_v(v))}
+    vc = kern.quantize_v(v)
+    qc, kc = kern.quantize_q(q), kern.quantize_k(k)
+    formats = {
+        "INT8 q.k, one key scale per head (library)": (*qc, *kc, *vc),
+        "INT8 q.k, per-token key scales": (*qc, *ref._int8_rows(k.transpose(1, 2).float() - ref.key_mean(k)[:, :, None]), *vc),
+        "E4M3 q.k, one key scale per head": (*e4m3_codes(q, True), *e4m3_codes(k, False), *vc),
+    }
+    out = torch.empty_like(q)
+    best = None
+    for fmt, codes in formats.items():
+        for bm, bn, w, s in CONFIGS:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+            try:
+                kern.attention_codes(*codes, out, cfg)
+                ms = bench(lambda: kern.attention_codes(*codes, out, cfg))
+            except Exception as e:  # noqa: BLE001 -- an unsupported tile (shared memory) is a row, not a stop
+                rows.append({"impl": f"8-bit launch: {fmt}", "config": cfg, "error": str(e).splitlines()[0][:120]})
+                continue
+            rows.append({"impl": f"8-bit launch: {fmt}", "config": cfg, "ms": ms, "tflops": tflops(sq, sk, ms)})
+            print(json.dumps(rows[-1]), flush=True)
+            if fmt.endswith("(library)") and (best is None or ms < best[1]):
+                best = (cfg, ms)
+    cfg = best[0]
+    total = bench(lambda: kern.fp8_attention(q, k, v, cfg))
+    rows.append({"impl": "8-bit attention, whole call (quantize + launch)", "config": cfg, "ms": total,
+                 "tflops": tflops(sq, sk, total), "quantize_ms": quant})
+    print(json.dumps(rows[-1]), flush=True)
+    # errors on the first 1024 queries against float32 attention
+    n = min(1024, sq)
+    truth = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
+    bf16 = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
+    ours = kern.fp8_attention(q, k, v, cfg)[:, :n]
+    errors = {"bf16 SDPA vs float32": rel(bf16, truth), "8-bit vs float32": rel(ours, truth),
+              "8-bit reference vs float32": rel(ref.fp8_attention(q[:, :n], k, v), truth),
+              "8-bit kernel vs its reference": rel(ours, ref.fp8_attention(q[:, :n], k, v))}
+    print(json.dumps(errors), flush=True)
+    return rows, {"best_config": cfg, "errors": errors}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# 8-bit self-attention vs bf16 SDPA ({res['gpu']})", "",
+             f"{res['date']}; torch {res['torch']}, triton {res['triton']}, cuDNN {res['cudnn']}. "
+             f"Script: `python benchmarks/fp8_attention.py`. Random bf16 inputs, B=1, {HEADS} heads of {HEAD_DIM}; "
+             "do_bench median; TFLOP/s = 4 Sq Sk D H / time.", ""]
+    for shape, r in res["shapes"].items():
+        sq, sk = SHAPES[shape]
+        lines += [f"## {shape}: {sq} queries over {sk} keys", "", "| implementation | layout / config | ms | TFLOP/s |", "|---|---|---|---|"]
+        for row in r["rows"]:
+            where = row.get("layout") or ", ".join(f"{k}={v}" for k, v in row["config"].items())
+            if "error" in row:
+                lines.append(f"| {row['impl']} | {where} | - | {row['error']} |")
+            else:
+                lines.append(f"| {row['impl']} | {where} | {row['ms']:.3f} | {row['tflops']:.0f} |")
+        q = next(row for row in r["rows"] if row["impl"].startswith("8-bit attention, whole")).get("quantize_ms", {})
+        lines += ["", "Quantizers (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()), "",
+                  "Errors on the first 1024 queries, ||x - float32|| / ||float32||: "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    res = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+           "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+           "quantized_sdpa_op": hasattr(torch.ops.aten, "_scaled_dot_product_attention_quantized"), "shapes": {}}
+    print(json.dumps({k: v for k, v in res.items() if k != "shapes"}), flush=True)
+    for shape in args.shapes:
+        sq, sk = SHAPES[shape]
+        rows = sdpa_rows(sq, sk)
+        ours, extra = ours_rows(sq, sk)
+        res["shapes"][shape] = {"rows": rows + ours, **extra}
+        torch.cuda.empty_cache()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "fp8_attention_" + gpu.split()[1].lower()
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
