@@ -12,6 +12,9 @@ or the model file (the swapped modules are the parameter-free children ``Block.m
   fused core goes inside it.
 * **fp8** (``fp8=True``): the linears ``convert_to_nvfp4`` would quantize become row-wise FP8
   (``longlive.quant.fp8``; Hopper's speed path, as LongLive's torchao float8 recipe).
+* **fp8_attention** (``fp8_attention=True``, with the kernels): unmasked self-attention runs through 8 bits,
+  INT8 q.k and FP8 E4M3 P.v (``kernels/fp8_attention.py``); on the CPU its reference emulates the same
+  numbers, so the tiny preset measures its quality cost.
 * **context memo** (always): the text embedder and each cross-attention's K/V projections return their
   previous output while called with the very same context tensor, so a prompt's text embedding and its
   cross-attention K/V are computed once per prompt instead of once per forward.
@@ -71,11 +74,16 @@ class FusedAttentionCore(AttentionCore):
     storage stores the new K/V exactly as :meth:`AttentionCore.forward` would. Off by default because on an
     H100 at Wan2.2-5B's shape it is ~6x slower than the path it replaces (36 vs 6.1 ms per layer call;
     ``benchmarks/results/nvfp4_kv_attention_h100.md``); what it saves is ~0.9 GiB of temporaries per call (41 vs 971 MiB).
+
+    With ``fp8_attention`` (off by default; self-attention only), an unmasked call attends through 8 bits
+    (``kernels/fp8_attention.py``: INT8 q.k, FP8 P.v) after the cache update and RoPE; on tensors the kernels
+    don't take, its reference (``kernels/fp8_attention_ref.py``) computes the same numbers in float32.
     """
 
-    def __init__(self, nvfp4_attention: bool = False) -> None:
+    def __init__(self, nvfp4_attention: bool = False, fp8_attention: bool = False) -> None:
         super().__init__()
         self.nvfp4_attention = nvfp4_attention
+        self.fp8_attention = fp8_attention
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, rope=None, key_rope=None, mask=None, kv_cache=None,
                 layer: int = 0) -> Tensor:
@@ -85,6 +93,16 @@ class FusedAttentionCore(AttentionCore):
 
             k_held, v_held = update_packed(layer, k, v, write=kv_cache.write) or (None, None)
             return nvfp4_attention(self.rotate(q, *rope), k_held, v_held, k, v, *(key_rope or rope))
+        if self.fp8_attention and mask is None:
+            if kv_cache is not None:
+                k, v = kv_cache.update(layer, k, v)
+            if rope is not None:
+                q, k = self.rotate(q, *rope), self.rotate(k, *(key_rope or rope))
+            if use_kernel(q, k, v):
+                from kernels.fp8_attention import fp8_attention
+            else:
+                from kernels.fp8_attention_ref import fp8_attention
+            return fp8_attention(q, k, v)
         return super().forward(q, k, v, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -105,13 +123,13 @@ def _swap_core(attn: nn.Module, make) -> None:
     setattr(owner, name, make())
 
 
-def apply_kernels(dit: WanDiT, *, nvfp4_attention: bool = False) -> None:
+def apply_kernels(dit: WanDiT, *, nvfp4_attention: bool = False, fp8_attention: bool = False) -> None:
     """Kernel-backed ``modulate``, ``residual`` and attention cores in every block (idempotent);
-    ``nvfp4_attention``: see :class:`FusedAttentionCore`."""
+    ``nvfp4_attention`` / ``fp8_attention`` (self-attention): see :class:`FusedAttentionCore`."""
     for block in dit.blocks:
         block.modulate, block.residual = FusedModulate(), FusedGatedResidual()
-        for attn in (block.attn1, block.attn2):
-            _swap_core(attn, lambda: FusedAttentionCore(nvfp4_attention))
+        _swap_core(block.attn1, lambda: FusedAttentionCore(nvfp4_attention, fp8_attention))
+        _swap_core(block.attn2, FusedAttentionCore)
 
 
 def remove_kernels(dit: WanDiT) -> None:
@@ -193,15 +211,20 @@ def compile_blocks(dit: WanDiT, **compile_kwargs) -> None:
 
 
 def optimize(dit: WanDiT, *, kernels: bool = True, compile: bool = False, fp8: bool = False,
-             keep_high_precision: list[str] | None = None, nvfp4_attention: bool = False) -> dict:
-    """Set ``dit`` up for streaming inference in place (see the module docstring); returns what was applied."""
-    applied = {"kernels": kernels, "compile": compile, "fp8": False, "nvfp4_attention": kernels and nvfp4_attention}
+             keep_high_precision: list[str] | None = None, nvfp4_attention: bool = False,
+             fp8_attention: bool = False) -> dict:
+    """Set ``dit`` up for streaming inference in place (see the module docstring); returns what was applied.
+    The attention options are kernel-backed modules: with ``kernels=False`` they are off (and logged so)."""
+    applied = {"kernels": kernels, "compile": compile, "fp8": False, "nvfp4_attention": kernels and nvfp4_attention,
+               "fp8_attention": kernels and fp8_attention}
+    if fp8_attention and not kernels:
+        log.warning("fp8_attention needs the kernel-backed attention core (kernels=True): left off")
     if fp8:
         from longlive.quant.fp8 import convert_to_fp8
 
         applied["fp8"] = len(convert_to_fp8(dit, keep_high_precision))
     if kernels:
-        apply_kernels(dit, nvfp4_attention=nvfp4_attention)
+        apply_kernels(dit, nvfp4_attention=nvfp4_attention, fp8_attention=fp8_attention)
     apply_context_memo(dit)
     if compile:
         compile_blocks(dit)
