@@ -147,6 +147,66 @@ class BaseConfig(_Strict):
     weights: str | None = Field(default=None, description="local Wan2.2 diffusers directory (real presets)")
 
 
+class LightDecoderDistillConfig(_Strict):
+    """The ``distill_decoder`` stage: the light decoder learns the full VAE decoder's output on the encoded latents."""
+
+    train: TrainConfig
+    gt_weight: float = Field(default=0.1, ge=0, description="weight of an L1 term against the real frames, beside "
+                             "L1 + L2 against the VAE's decode")
+    eval_clips: int = Field(default=8, ge=1, description="the first clips (key order) are held out for the PSNRs "
+                            "(base holds the first synth.num_videos // 12 out of the VAE's training too)")
+    latent_crop: tuple[int, int, int] | None = Field(
+        default=None, description="(frames, height, width) in latents: train on each clip's first `frames` latent "
+        "frames and a random window, against the same window of the VAE's full-frame decode; None: whole clips")
+    cache: bool = Field(default=True, description="keep each training clip's VAE decode and frames in memory "
+                        "(small datasets); false: decode every batch")
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
+    ckpt_every: int = Field(default=100, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LightDecoderDistillConfig":
+        if self.latent_crop is not None and min(self.latent_crop) < 1:
+            raise ValueError(f"latent_crop {list(self.latent_crop)} must be positive")
+        return self
+
+
+class LightDecoderConfig(_Strict):
+    """Sizes of the light causal decoder (``longlive.models.light_decoder``, TAEHV's design), ``inference.decoder:
+    light``. Stage k: ``blocks[k]`` MemBlocks at ``channels[k]``, then a nearest 2x upsampling where
+    ``spatial_upsample[k]``, a TGrow(2) where ``temporal_upsample[k]``, and a conv to ``channels[k + 1]``; the head
+    pixel-shuffles by ``patch_size``. Its upsampling must equal ``vae.compression`` (checked with the preset)."""
+
+    channels: list[int] = Field(min_length=2, description="width of each stage, then of the output head")
+    blocks: list[int] = Field(min_length=1, description="MemBlocks per stage: len(channels) - 1 entries")
+    spatial_upsample: list[bool]
+    temporal_upsample: list[bool]
+    patch_size: int = Field(default=1, ge=1, description="pixel shuffle of the output head")
+    distill: LightDecoderDistillConfig | None = Field(default=None, description="distill_decoder's settings")
+
+    @property
+    def temporal_upsampling(self) -> int:
+        return 2 ** sum(self.temporal_upsample)
+
+    @property
+    def spatial_upsampling(self) -> int:
+        return 2 ** sum(self.spatial_upsample) * self.patch_size
+
+    def sizes(self) -> dict:
+        """The fields that shape the model (what a checkpoint records)."""
+        return self.model_dump(exclude={"distill"})
+
+    @model_validator(mode="after")
+    def _check(self) -> "LightDecoderConfig":
+        stages = len(self.channels) - 1
+        for key in ("blocks", "spatial_upsample", "temporal_upsample"):
+            if len(getattr(self, key)) != stages:
+                raise ValueError(f"{key} needs len(channels) - 1 = {stages} entries (one per stage), "
+                                 f"got {len(getattr(self, key))}")
+        if min(self.channels) < 1 or min(self.blocks) < 0:
+            raise ValueError(f"channels {self.channels} must be positive and blocks {self.blocks} >= 0")
+        return self
+
+
 class EncodeConfig(_Strict):
     url: str = Field(min_length=1, description="local path or s3:// prefix of the shards")
     samples_per_shard: int = Field(gt=0)
@@ -362,6 +422,12 @@ class InferenceConfig(_Strict):
     cache_from_last_step: bool = Field(
         default=False, description="write the KV cache during the last denoising step instead of a separate t=0 pass "
         "over the clean block (one forward less per block; the cache then holds K/V of the last step's noisy input)")
+    decoder: Literal["vae", "light"] = Field(
+        default="vae", description="vae: the full VAE decoder; light: the distilled light causal decoder "
+        "(models/light_decoder, written by the distill_decoder stage)")
+    fp8_attention: bool = Field(
+        default=False, description="self-attention in 8 bits (INT8 q.k, E4M3 P.v; kernels/fp8_attention.py) with "
+        "the kernels on CUDA; its float32 reference elsewhere. A speed option for Hopper")
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceConfig":
@@ -570,6 +636,7 @@ class Preset(_Strict):
     publish: PublishConfig = PublishConfig()
     quant: QuantConfig = QuantConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    light_decoder: LightDecoderConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -597,6 +664,19 @@ class Preset(_Strict):
             raise ValueError(f"latent frames {self.latent_shape[1]} must be a multiple of dit.patch_size[0] {pt}")
         if self.synth.max_radius * 2 >= min(self.video.height, self.video.width):
             raise ValueError("synth.max_radius is too large for the frame; lower it or enlarge video")
+        return self
+
+    @model_validator(mode="after")
+    def _check_light_decoder(self) -> "Preset":
+        ld = self.light_decoder
+        if ld is not None:
+            got = [ld.temporal_upsampling, ld.spatial_upsampling, ld.spatial_upsampling]
+            if got != list(self.vae.compression):
+                raise ValueError(
+                    f"light_decoder upsamples {got} (t: 2^sum(temporal_upsample); h, w: 2^sum(spatial_upsample) x "
+                    f"patch_size), but vae.compression is {list(self.vae.compression)}: they must be equal")
+        elif self.inference.decoder == "light":
+            raise ValueError("inference.decoder is light, but the preset has no light_decoder section")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """``longlive generate``: load the models, stream a video to mp4 and write a JSON of timings.
 
 Models: the VAE and text encoder from the base directory (``models/base``: ``vae/``, ``text/``; UMT5 from
-``text.path``), the DiT from ``checkpoint`` (default ``<base>/dit``; any :func:`load_dit` checkpoint).
+``text.path``), the DiT from ``checkpoint`` (default ``<base>/dit``; any :func:`load_dit` checkpoint), and with
+``inference.decoder: light`` the distilled light decoder (``models/light_decoder``, the distill_decoder stage).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule, latent_frame_at
 from longlive.inference.writer import BlockDecoder, Mp4Stream
 from longlive.models.dit import WanDiT
+from longlive.models.light_decoder import DISTILL_STAGE, LightDecoder
 from longlive.models.text import TextEncoder, load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.models.lora import load_and_merge_adapter
@@ -36,11 +38,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+LIGHT_DECODER_DIR = "models/light_decoder"  # the distill_decoder stage's output
+
+
 @dataclass
 class Models:
     dit: WanDiT
     vae: WanVAE
     text: TextEncoder
+    light_decoder: LightDecoder | None = None  # inference.decoder: light
 
 
 def load_models(
@@ -49,7 +55,10 @@ def load_models(
     checkpoint: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    light_decoder: str | os.PathLike = LIGHT_DECODER_DIR,
 ) -> Models:
+    """``light_decoder``: where the light decoder is read from when ``preset.inference.decoder`` is ``light`` (it
+    goes to the VAE's device, in ``dtype``, float32 when None)."""
     base = Path(base)
     device = torch.device(device)
     checkpoint = Path(checkpoint or base / "dit")
@@ -66,7 +75,11 @@ def load_models(
     vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
     vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
     text = load_text_encoder(preset.text, base / "text")
-    return Models(dit, vae, text)
+    light = None
+    if preset.inference.decoder == "light":  # on the VAE's device: vae_device is the decoder's device
+        light = LightDecoder.from_pretrained(light_decoder, expect=preset.light_decoder, latent_channels=vae.z_dim,
+                                             dtype=dtype or torch.float32, device=vae_device)
+    return Models(dit, vae, text, light)
 
 
 def load_release_models(
@@ -176,11 +189,8 @@ def generate_video(
         if keep_frames:
             frames_out.append(frames.copy())  # on CUDA a view of the decoder's reused pinned buffer
 
-    if cfg.kernels:  # the decoder's fused norm + SiLU (bitwise the reference off CUDA)
-        from longlive.inference.fast_vae import apply_vae_kernels
-
-        apply_vae_kernels(vae)
-    decoder = BlockDecoder(vae, on_frames, async_decode=cfg.async_decode, frames_per_call=cfg.vae_frames_per_call)
+    decoder = BlockDecoder(block_decoder_model(models, cfg), on_frames, async_decode=cfg.async_decode,
+                           frames_per_call=cfg.vae_frames_per_call)
     blocks, outputs, ok = [], [], False
     start = time.perf_counter()
     try:
@@ -240,6 +250,21 @@ def generate_video(
         np.concatenate(frames_out) if keep_frames else None,
         torch.cat(latents_out, dim=2) if keep_latents else None,
     )
+
+
+def block_decoder_model(models: Models, cfg: InferenceConfig) -> WanVAE | LightDecoder:
+    """What decodes the blocks: the VAE (with its fused kernels when ``cfg.kernels``) or the light decoder."""
+    if cfg.decoder == "light":
+        if models.light_decoder is None:
+            raise ValueError(f"inference.decoder is light, but no light decoder was loaded: load_models() reads it "
+                             f"from {LIGHT_DECODER_DIR} when the preset's inference.decoder is light (run "
+                             f"`{DISTILL_STAGE}` to make it), or pass Models(light_decoder=...)")
+        return models.light_decoder
+    if cfg.kernels:  # the decoder's fused norm + SiLU (bitwise the reference off CUDA)
+        from longlive.inference.fast_vae import apply_vae_kernels
+
+        apply_vae_kernels(models.vae)
+    return models.vae
 
 
 AR_CONFIG_NAME = "ar_config.json"  # written by train_ar beside the student's dit/ directory

@@ -97,7 +97,7 @@ class StreamingPipeline:
         if cfg.kernels or cfg.compile or cfg.fp8:
             from longlive.inference.fast import optimize
 
-            optimize(dit, kernels=cfg.kernels, compile=cfg.compile, fp8=cfg.fp8)
+            optimize(dit, kernels=cfg.kernels, compile=cfg.compile, fp8=cfg.fp8, fp8_attention=cfg.fp8_attention)
         self.cache = self.new_cache()
 
     def new_cache(self) -> RollingKVCache:

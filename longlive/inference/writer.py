@@ -1,6 +1,8 @@
 """Decoding and writing: block latents -> pixel frames (synchronously or in a worker thread) -> mp4.
 
-:class:`BlockDecoder` owns a :class:`~longlive.models.vae.StreamingDecoder` on ``vae_device``. With
+:class:`BlockDecoder` owns a streaming decoder on ``vae_device``: the VAE's
+:class:`~longlive.models.vae.StreamingDecoder` or the light decoder's
+:class:`~longlive.models.light_decoder.LightStreamingDecoder` (``inference.decoder``). With
 ``async_decode`` a worker thread decodes block k while the caller denoises block k+1; blocks are decoded
 strictly in order (the decoder's causal cache needs that), so the frames are the same as a synchronous
 decode. On CUDA the worker runs on its own stream and waits for an event recorded when each block was
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from longlive.data.video_io import frames_uint8, tensor_to_frames
+from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 
 
@@ -70,7 +73,7 @@ class BlockDecoder:
 
     def __init__(
         self,
-        vae: WanVAE,
+        vae: WanVAE | LightDecoder,
         on_frames: Callable[[int, np.ndarray], None],
         *,
         device: torch.device | str | None = None,
@@ -78,10 +81,14 @@ class BlockDecoder:
         max_pending: int = 4,
         frames_per_call: int = 1,
     ) -> None:
-        """``frames_per_call``: latent frames per decoder call after the first (see
-        :class:`~longlive.models.vae.StreamingDecoder`)."""
+        """``vae``: the full VAE or the distilled light decoder; both decode in order with a carried causal state.
+        ``frames_per_call``: latent frames per VAE decoder call after the first (see
+        :class:`~longlive.models.vae.StreamingDecoder`); the light decoder takes each block in one call."""
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device
-        self.decoder = vae.streaming_decoder(frames_per_call=frames_per_call)
+        if isinstance(vae, LightDecoder):
+            self.decoder = vae.streaming_decoder()
+        else:
+            self.decoder = vae.streaming_decoder(frames_per_call=frames_per_call)
         self.on_frames, self.async_decode = on_frames, async_decode
         self.timings: list[dict] = []
         self._error: BaseException | None = None

@@ -1,0 +1,24 @@
+"""`distill_decoder`: distil the VAE decoder into the light causal decoder (``inference.decoder: light``)."""
+
+from pathlib import Path
+
+from longlive.train.light_decoder import distill_decoder
+from stages._common import setup, write_json
+
+
+def main() -> None:
+    preset = setup("distill_decoder")
+    metrics = distill_decoder(
+        preset,
+        shards_url=preset.encode.url,
+        synth_dir=Path("data/synth"),  # the real frames: the held-out PSNRs and the small pixel term
+        base_dir=Path("models/base"),
+        out_dir=Path("models/light_decoder"),
+        work_dir=Path(".work/distill_decoder"),  # resume state for an interrupted run; outside DVC's outs
+        plots_dir=Path("reports/distill_decoder"),
+    )
+    write_json("reports/distill_decoder/metrics.json", metrics)
+
+
+if __name__ == "__main__":
+    main()
