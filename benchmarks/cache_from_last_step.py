@@ -1,4 +1,5 @@
-"""Quality cost of ``inference.cache_from_last_step`` on the tiny students (issue 6).
+"""Quality cost of an inference speed option on the tiny students (issue 6): ``inference.cache_from_last_step``
+(the default) or ``--option fp8_attention``.
 
 Writing the KV cache during the last denoising step saves one forward per block (5 -> 4 at 4 steps, 3 -> 2 at
 2 steps), but the cache then holds K/V computed from the last step's *noisy* input at its timestep instead of
@@ -7,8 +8,11 @@ check (:func:`longlive.eval.quality.evaluate`) on the same held-out prompts and 
 on, and reports per-evaluation scores and the paired difference (per video, same seed) with its standard error.
 
     python benchmarks/cache_from_last_step.py --models models     # ~5 min on 2 shared CPU cores
+    python benchmarks/cache_from_last_step.py --option fp8_attention --checkpoint dmd/t2v-2step
 
-Writes ``benchmarks/results/cache_from_last_step_tiny.{json,md}``.
+``fp8_attention`` on the CPU runs the 8-bit attention's float32 reference (``kernels/fp8_attention_ref.py``),
+the same numbers as the GPU kernel up to its online softmax. Writes
+``benchmarks/results/<option>_tiny[_<checkpoint>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with ar/t2v and base/")
+    ap.add_argument("--option", default="cache_from_last_step", choices=["cache_from_last_step", "fp8_attention"],
+                    help="the boolean inference option compared off vs on")
+    ap.add_argument("--checkpoint", default="ar/t2v", help="the student under --models")
     ap.add_argument("--num-prompts", type=int, default=120)  # every caption of the held-out design once
     ap.add_argument("--num-multishot", type=int, default=32)
     ap.add_argument("--num-drift", type=int, default=6)
@@ -53,13 +60,13 @@ def main() -> int:
     t0 = time.perf_counter()
     reports = {}
     for on in (False, True):
-        models, cfg_preset, ar = load_checkpoint(preset, models_dir / "ar/t2v", models_dir / "base",
-                                                 [f"cache_from_last_step={str(on).lower()}"])
+        models, cfg_preset, ar = load_checkpoint(preset, models_dir / args.checkpoint, models_dir / "base",
+                                                 [f"{args.option}={str(on).lower()}"])
         reports[on] = evaluate(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
                                num_multishot=args.num_multishot, num_drift=args.num_drift,
                                length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
                                log=lambda m: print(m, flush=True))
-        print(f"cache_from_last_step={on}: t2v {reports[on]['t2v']['score']:.3f}", flush=True)
+        print(f"{args.option}={on}: t2v {reports[on]['t2v']['score']:.3f}", flush=True)
     off, on = reports[False], reports[True]
     rows = []
     d, sem = paired([r["score"] for r in off["t2v"]["rows"]], [r["score"] for r in on["t2v"]["rows"]])
@@ -77,18 +84,23 @@ def main() -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "models": str(models_dir), "ar_config": ar,
               "command": "python " + " ".join(sys.argv), "runtime_s": time.perf_counter() - t0,
               "chance_score": off["chance_score"], "rows": rows, "reports": {"off": off, "on": on}}
-    lines = ["# Cache from the last denoising step: quality cost on the tiny T2V student", "",
+    title = {"cache_from_last_step": "Cache from the last denoising step",
+             "fp8_attention": "8-bit self-attention (INT8 q.k, E4M3 P.v)"}[args.option]
+    off_name, on_name = {"cache_from_last_step": ("off (t=0 cache pass)", "on (last step writes)"),
+                         "fp8_attention": ("off (SDPA)", "on (8-bit)")}[args.option]
+    lines = [f"# {title}: quality cost on the tiny T2V student `{args.checkpoint}`", "",
              f"{result['date']}; models `{models_dir}`; `{result['command']}` ({result['runtime_s']:.0f} s). "
              f"Built-in prompt-following score (chance {result['chance_score']:.3f}); same prompts and seeds both ways; "
              "delta = on - off, paired per video where the videos pair up (t2v, multi-shot), else of the means.", "",
-             "| eval | off (t=0 cache pass) | on (last step writes) | delta ± sem |", "|---|---|---|---|"]
+             f"| eval | {off_name} | {on_name} | delta ± sem |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['eval']} | {r['off']:.3f} ± {r['off_sem']:.3f} | {r['on']:.3f} ± {r['on_sem']:.3f} | "
                      f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_from_last_step_tiny.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "cache_from_last_step_tiny.md").write_text("\n".join(lines) + "\n")
+    stem = f"{args.option}_tiny" + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,7 +1,7 @@
 """The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body,
 ``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set,
 ``publish`` uploads a versioned release and ``pull`` downloads and verifies one, ``regress`` gates the
-evaluate stage's metrics against a committed baseline."""
+evaluate stage's metrics against a committed baseline, ``bench`` measures streaming FPS with random weights."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def _add_regress(sub) -> None:
     p.set_defaults(func=_regress)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from longlive.bench.run import run
+
+    return run(args)
+
+
+def _add_bench(sub) -> None:
+    from longlive.bench.args import add_arguments
+
+    p = sub.add_parser("bench", help="streaming FPS of a preset with random weights (no downloads): steady FPS, "
+                       "first-block latency, DiT / cache pass / VAE / other per block, peak memory, the ceiling; "
+                       "writes JSON + markdown")
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longlive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_quality(sub)
     _add_publish(sub)  # `publish` and `pull`
     _add_regress(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
