@@ -1,5 +1,5 @@
 """Quality cost of an inference speed option on the tiny students (issue 6): ``inference.cache_from_last_step``
-(the default) or ``--option fp8_attention``.
+(the default), ``--option fp8_attention`` or ``--option decoder`` (light vs VAE).
 
 Writing the KV cache during the last denoising step saves one forward per block (5 -> 4 at 4 steps, 3 -> 2 at
 2 steps), but the cache then holds K/V computed from the last step's *noisy* input at its timestep instead of
@@ -12,7 +12,8 @@ on, and reports per-evaluation scores and the paired difference (per video, same
 
 ``fp8_attention`` on the CPU runs the 8-bit attention's float32 reference (``kernels/fp8_attention_ref.py``),
 the same numbers as the GPU kernel up to its online softmax. Writes
-``benchmarks/results/<option>_tiny[_<checkpoint>].{json,md}``.
+``benchmarks/results/<option>_tiny[_<checkpoint>].{json,md}``. ``--option decoder`` compares the VAE's decode with
+the light decoder's (``models/light_decoder``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIFT = tuple(s for s in DRIFT_SETTINGS if s[0] in ("single sink=on", "switch sink=on recache=on"))
 
 
+VALUES = {"cache_from_last_step": ("false", "true"), "fp8_attention": ("false", "true"), "decoder": ("vae", "light")}
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     d = [y - x for x, y in zip(a, b)]
     sem = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
@@ -45,8 +49,8 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with ar/t2v and base/")
-    ap.add_argument("--option", default="cache_from_last_step", choices=["cache_from_last_step", "fp8_attention"],
-                    help="the boolean inference option compared off vs on")
+    ap.add_argument("--option", default="cache_from_last_step", choices=list(VALUES),
+                    help="the inference option compared off vs on (decoder: vae vs light)")
     ap.add_argument("--checkpoint", default="ar/t2v", help="the student under --models")
     ap.add_argument("--num-prompts", type=int, default=120)  # every caption of the held-out design once
     ap.add_argument("--num-multishot", type=int, default=32)
@@ -61,7 +65,7 @@ def main() -> int:
     reports = {}
     for on in (False, True):
         models, cfg_preset, ar = load_checkpoint(preset, models_dir / args.checkpoint, models_dir / "base",
-                                                 [f"{args.option}={str(on).lower()}"])
+                                                 [f"{args.option}={VALUES[args.option][on]}"])
         reports[on] = evaluate(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
                                num_multishot=args.num_multishot, num_drift=args.num_drift,
                                length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
@@ -85,9 +89,11 @@ def main() -> int:
               "command": "python " + " ".join(sys.argv), "runtime_s": time.perf_counter() - t0,
               "chance_score": off["chance_score"], "rows": rows, "reports": {"off": off, "on": on}}
     title = {"cache_from_last_step": "Cache from the last denoising step",
-             "fp8_attention": "8-bit self-attention (INT8 q.k, E4M3 P.v)"}[args.option]
+             "fp8_attention": "8-bit self-attention (INT8 q.k, E4M3 P.v)",
+             "decoder": "The light decoder (distill_decoder) instead of the VAE"}[args.option]
     off_name, on_name = {"cache_from_last_step": ("off (t=0 cache pass)", "on (last step writes)"),
-                         "fp8_attention": ("off (SDPA)", "on (8-bit)")}[args.option]
+                         "fp8_attention": ("off (SDPA)", "on (8-bit)"),
+                         "decoder": ("VAE decoder", "light decoder")}[args.option]
     lines = [f"# {title}: quality cost on the tiny T2V student `{args.checkpoint}`", "",
              f"{result['date']}; models `{models_dir}`; `{result['command']}` ({result['runtime_s']:.0f} s). "
              f"Built-in prompt-following score (chance {result['chance_score']:.3f}); same prompts and seeds both ways; "
