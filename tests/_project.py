@@ -27,6 +27,8 @@ def fast_tiny(preset: dict) -> dict:
     p["ar"].update(ckpt_every=2)
     p["dmd"]["train"].update(steps=2, batch_size=2, log_every=1)
     p["dmd"].update(ckpt_every=1, qat_steps=1)
+    p["light_decoder"]["distill"]["train"].update(steps=3, batch_size=2, log_every=1)
+    p["light_decoder"]["distill"].update(ckpt_every=1, eval_clips=2)
     p["quant"]["quality_prompts"] = 2
     p["evaluate"].update(num_prompts=2, num_multishot=1, num_drift=1, length_factor=2, samples=1)
     p["evaluate"]["speed"].update(runs=1, warmup=0, length_factor=1)
