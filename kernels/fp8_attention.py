@@ -44,6 +44,19 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _head_tile(x_ptr, S, H, stride_xb, stride_xs, stride_xh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's (BLOCK_S, D) float32 tile of one (sample, head) of a (B, S, H, D) tensor, its (b, h) and rows."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    mask = (rs < S)[:, None]
+    x = tl.load(x_ptr + b * stride_xb + rs[:, None] * stride_xs + h * stride_xh + d[None, :], mask=mask, other=0.0)
+    return x.to(tl.float32), bh, b, h, rs, d, mask
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, codes_ptr, scale_ptr, aux_ptr,
     S, H, stride_xb, stride_xs, stride_xh,
@@ -53,15 +66,7 @@ def _quantize_kernel(
                          # 2: E4M3 with inv = 448 / amax per (b, h, channel) given in aux (v)
     D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, D)
-    mask = (rs < S)[:, None]
-    x = tl.load(x_ptr + b * stride_xb + rs[:, None] * stride_xs + h * stride_xh + d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x, bh, b, h, rs, d, mask = _head_tile(x_ptr, S, H, stride_xb, stride_xs, stride_xh, D, BLOCK_S)
     off = b * stride_cb + h * stride_ch + rs[:, None] * stride_cs + d[None, :] * stride_cd
     if MODE == 0 or MODE == 1:
         if MODE == 0:
@@ -83,15 +88,8 @@ def _quantize_kernel(
 def _smoothed_amax_kernel(x_ptr, mean_ptr, amax_ptr, S, H, stride_xb, stride_xs, stride_xh,
                           D: tl.constexpr, BLOCK_S: tl.constexpr):
     """max |x - mean| of a tile into amax[b, h] (atomic max: order-free, so exact and deterministic)."""
-    pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, D)
-    mask = (rs < S)[:, None]
-    x = tl.load(x_ptr + b * stride_xb + rs[:, None] * stride_xs + h * stride_xh + d[None, :], mask=mask, other=0.0)
-    y = tl.where(mask, tl.abs(x.to(tl.float32) - tl.load(mean_ptr + bh * D + d)[None, :]), 0.0)
+    x, bh, b, h, rs, d, mask = _head_tile(x_ptr, S, H, stride_xb, stride_xs, stride_xh, D, BLOCK_S)
+    y = tl.where(mask, tl.abs(x - tl.load(mean_ptr + bh * D + d)[None, :]), 0.0)
     tl.atomic_max(amax_ptr + bh, tl.max(tl.max(y, axis=1), axis=0))
 
 
