@@ -1,4 +1,5 @@
-"""8-bit self-attention (``kernels/fp8_attention.py``) against bf16 SDPA at LongLive 2.0's shapes (issue 6).
+"""8-bit self-attention (``kernels/fp8_attention.py``, ``kernels/fp8_sdpa.py``) against bf16 SDPA at LongLive 2.0's
+shapes (issue 6).
 
 One steady streaming block's self-attention of the Wan2.2-5B DiT: 24 heads of 128, 8 new latent frames
 attending to a window of 24 cached + 8 (704x1280: 7040 queries over 28160 keys; 480x832: 3120 over
@@ -8,11 +9,14 @@ attending to a window of 24 cached + 8 (704x1280: 7040 queries over 28160 keys; 
   views the pipeline hands it (q transposed, K/V views of the cache's buffers) -- with PyTorch's default
   choice and each backend forced (flash, cuDNN, memory-efficient);
 * ours: the three quantizers and the attention launch for a sweep of tile configurations, then the whole
-  call with the best one;
+  call with the best one (``--no-sweep``: the library's tiles only);
+* cuDNN's FP8 flash attention (``kernels/fp8_sdpa.py``, needs nvidia-cudnn-frontend): the per-tensor quantizer,
+  the launch on codes alone, and the whole call;
 * errors on the first 1024 queries against float32 attention: bf16 SDPA's, ours, and ours against its
   reference.
 
     python benchmarks/fp8_attention.py --out-dir benchmarks/results      # writes fp8_attention_<gpu>.{json,md}
+    python benchmarks/fp8_attention.py --impls sdpa cudnn --no-sweep    # a quicker subset
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def sdpa_rows(sq: int, sk: int) -> list[dict]:
     return rows
 
 
-def ours_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
+def ours_rows(sq: int, sk: int, sweep: bool = True) -> tuple[list[dict], dict]:
     g = torch.Generator(device="cuda").manual_seed(1)
     dt = torch.bfloat16
     q = torch.randn(1, sq, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
@@ -110,8 +114,9 @@ def ours_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
     }
     out = torch.empty_like(q)
     best = None
+    configs = CONFIGS if sweep else [tuple(kern.default_config(HEAD_DIM)[n] for n in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))]
     for fmt, codes in formats.items():
-        for bm, bn, w, s in CONFIGS:
+        for bm, bn, w, s in configs:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
             try:
                 kern.attention_codes(*codes, out, cfg)
@@ -140,6 +145,38 @@ def ours_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
     return rows, {"best_config": cfg, "errors": errors}
 
 
+def cudnn_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
+    """cuDNN's FP8 attention on the pipeline's layout (q (B, S, H, D), k / v views of a cache buffer)."""
+    from kernels import fp8_sdpa as cud
+    from kernels import fp8_sdpa_ref
+    from kernels.fp8_quant import quantize_tensor
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dt = torch.bfloat16
+    q = torch.randn(1, sq, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    buf = torch.randn(2, 1, sk + 7040, HEADS, HEAD_DIM, device="cuda", dtype=dt, generator=g)
+    k, v = buf[0, :, :sk], buf[1, :, :sk]
+    quant = {"quantize q (per tensor)": bench(lambda: quantize_tensor(q)), "quantize k (per tensor)": bench(lambda: quantize_tensor(k)),
+             "quantize v (per tensor)": bench(lambda: quantize_tensor(v))}
+    codes = (*quantize_tensor(q), *quantize_tensor(k), *quantize_tensor(v))
+    launch = bench(lambda: cud.attention_codes(*codes))
+    total = bench(lambda: cud.fp8_sdpa(q, k, v))
+    rows = [{"impl": "cuDNN FP8 launch (per-tensor E4M3 q, k, v, P)", "layout": "codes (B,S,H,D)", "ms": launch,
+             "tflops": tflops(sq, sk, launch)},
+            {"impl": "cuDNN FP8 attention, whole call (quantize + launch)", "layout": "(B,S,H,D) views (pipeline)",
+             "ms": total, "tflops": tflops(sq, sk, total), "quantize_ms": quant}]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    n = min(1024, sq)
+    truth = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
+    out = cud.fp8_sdpa(q, k, v)[:, :n]
+    expected = fp8_sdpa_ref.fp8_sdpa(q[:, :n], k, v)
+    errors = {"cuDNN FP8 vs float32": rel(out, truth), "cuDNN FP8 reference vs float32": rel(expected, truth),
+              "cuDNN FP8 vs its reference": rel(out, expected)}
+    print(json.dumps(errors), flush=True)
+    return rows, {"errors_cudnn": errors}
+
+
 def markdown(res: dict) -> str:
     lines = [f"# 8-bit self-attention vs bf16 SDPA ({res['gpu']})", "",
              f"{res['date']}; torch {res['torch']}, triton {res['triton']}, cuDNN {res['cudnn']}. "
@@ -154,10 +191,13 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {row['impl']} | {where} | - | {row['error']} |")
             else:
                 lines.append(f"| {row['impl']} | {where} | {row['ms']:.3f} | {row['tflops']:.0f} |")
-        q = next(row for row in r["rows"] if row["impl"].startswith("8-bit attention, whole")).get("quantize_ms", {})
+        q = {}
+        for row in r["rows"]:
+            q.update(row.get("quantize_ms", {}))
+        errors = {**r.get("errors", {}), **r.get("errors_cudnn", {})}
         lines += ["", "Quantizers (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()), "",
                   "Errors on the first 1024 queries, ||x - float32|| / ||float32||: "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items()), ""]
+                  + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +206,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--name", default=None)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--impls", nargs="+", choices=("sdpa", "triton", "cudnn"), default=["sdpa", "triton", "cudnn"])
+    ap.add_argument("--no-sweep", action="store_true", help="the Triton kernel with the library's tiles only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -179,9 +221,19 @@ def main() -> int:
     print(json.dumps({k: v for k, v in res.items() if k != "shapes"}), flush=True)
     for shape in args.shapes:
         sq, sk = SHAPES[shape]
-        rows = sdpa_rows(sq, sk)
-        ours, extra = ours_rows(sq, sk)
-        res["shapes"][shape] = {"rows": rows + ours, **extra}
+        rows, extra = [], {}
+        if "sdpa" in args.impls:
+            rows += sdpa_rows(sq, sk)
+        for impl, fn in (("triton", lambda: ours_rows(sq, sk, sweep=not args.no_sweep)), ("cudnn", lambda: cudnn_rows(sq, sk))):
+            if impl in args.impls:
+                try:
+                    more, ex = fn()
+                except Exception as e:  # noqa: BLE001 -- one implementation failing is a row, not a stop
+                    more, ex = [{"impl": impl, "layout": "-", "error": f"{type(e).__name__}: {e}"[:300]}], {}
+                    print(json.dumps(more[0]), flush=True)
+                rows += more
+                extra.update(ex)
+        res["shapes"][shape] = {"rows": rows, **extra}
         torch.cuda.empty_cache()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

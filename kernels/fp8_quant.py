@@ -1,9 +1,14 @@
-"""Triton kernel: row-wise dynamic FP8 (E4M3) quantization in one launch (reference: ``kernels/fp8_quant_ref.py``).
+"""Triton kernels: dynamic FP8 (E4M3) quantization, row-wise in one launch and per tensor in two (reference:
+``kernels/fp8_quant_ref.py``).
 
 In PyTorch the activation quantization of an FP8 linear is four or five kernels (amax, reciprocal,
 product in float32, clamp, cast), with a float32 copy of the activation in between. Here one program per
 row loops over the row twice (amax, then quantize: the second pass mostly hits L2) and writes the codes
 and the row's scale.
+
+Per tensor (:func:`quantize_tensor`, the scaling cuDNN's FP8 attention takes): one launch reduces max |x| over
+tiles into a float32 scalar with an atomic max (order-free, so exact and deterministic), a second writes the
+codes; the scale never leaves the device.
 
 Bit-exact with the reference: the reciprocal ``448 / amax`` is a correctly rounded division (``div_rn``;
 Triton's ``/`` is approximate on GPUs), the product is one float32 multiplication, and the E4M3 rounding
@@ -79,3 +84,56 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         amax.fill_(AMAX_MIN)
     return codes.view(torch.float8_e4m3fn), (amax / E4M3_MAX)[:, None]
+
+
+@triton.jit
+def _tensor_amax_kernel(x_ptr, amax_ptr, S, C, stride_xb, stride_xs, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(2)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (s < S)[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + b * stride_xb + s[:, None] * stride_xs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+
+
+@triton.jit
+def _tensor_codes_kernel(x_ptr, codes_ptr, amax_ptr, S, C, stride_xb, stride_xs, amax_min,
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BIT_CAST: tl.constexpr):
+    b = tl.program_id(2)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (s < S)[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + b * stride_xb + s[:, None] * stride_xs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.maximum(tl.load(amax_ptr), amax_min)
+    inv = tl.math.div_rn(tl.full((BLOCK_S, BLOCK_C), 448.0, tl.float32), tl.full((BLOCK_S, BLOCK_C), 1.0, tl.float32) * a)
+    v = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+    if BIT_CAST:  # the interpreter's float32 -> E4M3 cast mis-rounds at binade carries: round on the bits
+        code = _e4m3_bits(v).to(tl.uint8)
+    else:  # the GPU's cvt rounds to nearest even, as the reference
+        code = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    tl.store(codes_ptr + (b * S + s[:, None]) * C + c[None, :], code, mask=mask)
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As the reference: (B, S, C) or (B, S, H, D) ``x`` -> contiguous E4M3 codes of its shape and the (1,) float32
+    scale ``amax / 448`` on its device. Any batch and token strides (a view of a KV cache's buffers) as long as a
+    token's channels are contiguous."""
+    if x.dim() not in (3, 4):
+        raise ValueError(f"quantize_tensor needs (B, S, C) or (B, S, H, D), got {tuple(x.shape)}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("the Triton FP8 kernel needs a CUDA tensor (or TRITON_INTERPRET=1 to run it on the CPU)")
+    if x.stride(-1) != 1 or (x.dim() == 4 and x.stride(-2) != x.shape[-1]):
+        x = x.contiguous()
+    x3 = x.flatten(2)
+    B, S, C = x3.shape
+    amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    if x3.numel():
+        block_s, block_c = (4, 32) if _interpreting() else (8, 512)
+        grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
+        warps = 1 if _interpreting() else 4
+        _tensor_amax_kernel[grid](x3, amax, S, C, x3.stride(0), x3.stride(1), BLOCK_S=block_s, BLOCK_C=block_c,
+                                  num_warps=warps)
+        _tensor_codes_kernel[grid](x3, codes, amax, S, C, x3.stride(0), x3.stride(1), AMAX_MIN, BLOCK_S=block_s,
+                                   BLOCK_C=block_c, BIT_CAST=_interpreting(), num_warps=warps)
+    return codes.view(torch.float8_e4m3fn), amax.clamp(min=AMAX_MIN) / E4M3_MAX

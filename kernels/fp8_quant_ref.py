@@ -32,3 +32,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (codes.float() * scales.float()).to(dtype)
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor E4M3 (the scaling cuDNN's FP8 attention takes): one float32 scale ``amax(x) / 448`` for the
+    whole tensor, codes ``e4m3(x * (448 / amax))`` of ``x``'s shape, contiguous. Returns the codes and the
+    scale as a (1,) tensor on ``x``'s device (a device scalar: no host sync to read it)."""
+    amax = torch.linalg.vector_norm(x.detach(), float("inf")).float().clamp(min=AMAX_MIN).reshape(1)
+    inv = torch.full_like(amax, E4M3_MAX) / amax
+    codes = (x.detach().float() * inv).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+    return codes, amax / E4M3_MAX

@@ -425,9 +425,19 @@ class InferenceConfig(_Strict):
     decoder: Literal["vae", "light"] = Field(
         default="vae", description="vae: the full VAE decoder; light: the distilled light causal decoder "
         "(models/light_decoder, written by the distill_decoder stage)")
-    fp8_attention: bool = Field(
-        default=False, description="self-attention in 8 bits (INT8 q.k, E4M3 P.v; kernels/fp8_attention.py) with "
-        "the kernels on CUDA; its float32 reference elsewhere. A speed option for Hopper")
+    fp8_attention: Literal["off", "triton", "cudnn"] = Field(
+        default="off", description="self-attention in 8 bits, a speed option for Hopper: triton = our kernel (INT8 "
+        "q.k, E4M3 P.v; kernels/fp8_attention.py); cudnn = cuDNN's FP8 flash attention (per-tensor E4M3 q, k, v and "
+        "P; kernels/fp8_sdpa.py, needs the `hopper` extra). With the kernels on CUDA; each one's float32 reference "
+        "elsewhere. false / true mean off / triton")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fp8_attention_bools(cls, data: Any) -> Any:
+        # the option was a bool before the cuDNN path existed: keep `fp8_attention: true` meaning the Triton kernel
+        if isinstance(data, dict) and isinstance(data.get("fp8_attention"), bool):
+            data = {**data, "fp8_attention": "triton" if data["fp8_attention"] else "off"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "InferenceConfig":

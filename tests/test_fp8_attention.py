@@ -205,9 +205,9 @@ def test_optimize_installs_fp8_attention_on_self_attention_only():
     cfg = DiTConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, freq_dim=32, patch_size=(1, 2, 2))
     dit = WanDiT(cfg, 4, 32)
     applied = fast.optimize(dit, fp8_attention=True)
-    assert applied["fp8_attention"]
-    assert all(b.attn1.core.fp8_attention and not b.attn2.core.fp8_attention for b in dit.blocks)
-    assert not fast.optimize(WanDiT(cfg, 4, 32), kernels=False, fp8_attention=True)["fp8_attention"]
+    assert applied["fp8_attention"] == "triton"
+    assert all(b.attn1.core.fp8_attention == "triton" and b.attn2.core.fp8_attention == "off" for b in dit.blocks)
+    assert fast.optimize(WanDiT(cfg, 4, 32), kernels=False, fp8_attention=True)["fp8_attention"] == "off"
 
 
 @needs_cuda

@@ -20,7 +20,7 @@ class Variant:
     compile: bool = False
     weights: str = "bf16"  # bf16, fp8 (row-wise, reversible) or nvfp4 (converted in place: runs last)
     kv_cache: str = "dense"
-    fp8_attention: bool = False  # self-attention through kernels/fp8_attention.py (INT8 q.k, E4M3 P.v)
+    fp8_attention: str = "off"  # self-attention in 8 bits: triton (kernels/fp8_attention.py) or cudnn (kernels/fp8_sdpa.py)
     min_left: float = 30.0  # seconds of the time budget a stage of this variant needs to start
 
 
@@ -31,7 +31,11 @@ VARIANTS = (
     Variant("bf16-fast", "bf16 fast", "in-place KV cache, fused kernels, per-prompt context"),
     Variant("fp8", "fp8 fast", "bf16 fast with row-wise FP8 (E4M3) linears", weights="fp8"),
     Variant("fp8-attn8", "fp8 fast + 8-bit attention", "fp8 with self-attention in INT8 q.k / E4M3 P.v",
-            weights="fp8", fp8_attention=True),
+            weights="fp8", fp8_attention="triton"),
+    Variant("fp8-cudnn", "fp8 fast + cuDNN FP8 attention", "fp8 with self-attention in cuDNN's FP8 flash attention "
+            "(per-tensor E4M3 q, k, v, P)", weights="fp8", fp8_attention="cudnn"),
+    Variant("bf16-cudnn8", "bf16 fast + cuDNN FP8 attention", "bf16 linears with self-attention in cuDNN's FP8 flash "
+            "attention", fp8_attention="cudnn"),
     Variant("bf16-compile", "bf16 fast + compile", "bf16 fast with torch.compile of each block", compile=True,
             min_left=200),
     Variant("bf16-compile-nokernels", "bf16 compile, kernels off", "torch.compile instead of the fused kernels",
@@ -41,7 +45,7 @@ VARIANTS = (
             kv_cache="nvfp4", min_left=50),
 )
 VARIANT_IDS = tuple(v.id for v in VARIANTS)
-DEFAULT_VARIANTS = ("bf16-fast", "fp8", "fp8-attn8", "nvfp4")
+DEFAULT_VARIANTS = ("bf16-fast", "fp8", "fp8-attn8", "fp8-cudnn", "nvfp4")
 STAGES = ("kernels", "ceiling", "vae", "profile", "end_to_end")
 
 

@@ -26,7 +26,7 @@ from longlive.bench.variants import (
 )
 from longlive.config import ConfigError, Preset, load_preset
 
-E2E_VARIANTS = ("bf16-fast", "fp8", "fp8-attn8")  # end to end: per step count, bf16 fast and the fastest other (not NVFP4: converted for good)
+E2E_VARIANTS = ("bf16-fast", "fp8", "fp8-attn8", "fp8-cudnn", "bf16-cudnn8")  # end to end: per step count, bf16 fast and the fastest other (not NVFP4: converted for good)
 
 NOTES = (
     "block ms: the DiT's time for one steady block, denoising steps + the cache pass (the pipeline's marks: CUDA "

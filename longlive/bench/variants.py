@@ -58,6 +58,8 @@ class BenchModel:
 
         if v.weights == "fp8" and not fp8_gemm_available(self.device):
             name += " (emulated)"
+        elif v.fp8_attention != "off" and self.device.type != "cuda":
+            name += " (reference)"
         return name
 
     def fp8_on(self) -> None:

@@ -12,9 +12,10 @@ or the model file (the swapped modules are the parameter-free children ``Block.m
   fused core goes inside it.
 * **fp8** (``fp8=True``): the linears ``convert_to_nvfp4`` would quantize become row-wise FP8
   (``longlive.quant.fp8``; Hopper's speed path, as LongLive's torchao float8 recipe).
-* **fp8_attention** (``fp8_attention=True``, with the kernels): unmasked self-attention runs through 8 bits,
-  INT8 q.k and FP8 E4M3 P.v (``kernels/fp8_attention.py``); on the CPU its reference emulates the same
-  numbers, so the tiny preset measures its quality cost.
+* **fp8_attention** (``"triton"`` or ``"cudnn"``, with the kernels): unmasked self-attention runs through 8
+  bits -- ``triton``: our kernel, INT8 q.k and FP8 E4M3 P.v (``kernels/fp8_attention.py``); ``cudnn``: cuDNN's
+  FP8 flash attention with per-tensor E4M3 q, k, v (``kernels/fp8_sdpa.py``). On the CPU each one's reference
+  emulates the same numbers, so the tiny preset measures their quality cost.
 * **context memo** (always): the text embedder and each cross-attention's K/V projections return their
   previous output while called with the very same context tensor, so a prompt's text embedding and its
   cross-attention K/V are computed once per prompt instead of once per forward.
@@ -75,15 +76,17 @@ class FusedAttentionCore(AttentionCore):
     H100 at Wan2.2-5B's shape it is ~6x slower than the path it replaces (36 vs 6.1 ms per layer call;
     ``benchmarks/results/nvfp4_kv_attention_h100.md``); what it saves is ~0.9 GiB of temporaries per call (41 vs 971 MiB).
 
-    With ``fp8_attention`` (off by default; self-attention only), an unmasked call attends through 8 bits
-    (``kernels/fp8_attention.py``: INT8 q.k, FP8 P.v) after the cache update and RoPE; on tensors the kernels
-    don't take, its reference (``kernels/fp8_attention_ref.py``) computes the same numbers in float32.
+    With ``fp8_attention`` (``"off"`` by default; self-attention only), an unmasked call attends through 8 bits
+    after the cache update and RoPE: ``"triton"`` (``kernels/fp8_attention.py``: INT8 q.k, FP8 P.v) or
+    ``"cudnn"`` (``kernels/fp8_sdpa.py``: cuDNN's FP8 flash attention, per-tensor E4M3); on tensors the kernels
+    don't take, each one's reference (``kernels/fp8_attention_ref.py``, ``kernels/fp8_sdpa_ref.py``) computes
+    the same numbers in float32. ``True`` / ``False`` mean ``"triton"`` / ``"off"``.
     """
 
-    def __init__(self, nvfp4_attention: bool = False, fp8_attention: bool = False) -> None:
+    def __init__(self, nvfp4_attention: bool = False, fp8_attention: bool | str = "off") -> None:
         super().__init__()
         self.nvfp4_attention = nvfp4_attention
-        self.fp8_attention = fp8_attention
+        self.fp8_attention = _fp8_attention_mode(fp8_attention)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, rope=None, key_rope=None, mask=None, kv_cache=None,
                 layer: int = 0) -> Tensor:
@@ -93,11 +96,17 @@ class FusedAttentionCore(AttentionCore):
 
             k_held, v_held = update_packed(layer, k, v, write=kv_cache.write) or (None, None)
             return nvfp4_attention(self.rotate(q, *rope), k_held, v_held, k, v, *(key_rope or rope))
-        if self.fp8_attention and mask is None:
+        if self.fp8_attention != "off" and mask is None:
             if kv_cache is not None:
                 k, v = kv_cache.update(layer, k, v)
             if rope is not None:
                 q, k = self.rotate(q, *rope), self.rotate(k, *(key_rope or rope))
+            if self.fp8_attention == "cudnn":
+                if q.is_cuda and use_kernel(q, k, v):
+                    from kernels.fp8_sdpa import fp8_sdpa
+                else:
+                    from kernels.fp8_sdpa_ref import fp8_sdpa
+                return fp8_sdpa(q, k, v)
             if use_kernel(q, k, v):
                 from kernels.fp8_attention import fp8_attention
             else:
@@ -113,6 +122,16 @@ class FusedAttentionCore(AttentionCore):
         return super().rotate(x, cos, sin)
 
 
+FP8_ATTENTION_MODES = ("off", "triton", "cudnn")
+
+
+def _fp8_attention_mode(value: bool | str) -> str:
+    mode = {False: "off", True: "triton"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in FP8_ATTENTION_MODES:
+        raise ValueError(f"fp8_attention must be one of {FP8_ATTENTION_MODES} (or a bool), got {value!r}")
+    return mode
+
+
 def _swap_core(attn: nn.Module, make) -> None:
     """Replace the innermost :class:`AttentionCore` of ``attn`` (inside wrappers that keep it as ``inner``)."""
     owner, name = attn, "core"
@@ -123,7 +142,7 @@ def _swap_core(attn: nn.Module, make) -> None:
     setattr(owner, name, make())
 
 
-def apply_kernels(dit: WanDiT, *, nvfp4_attention: bool = False, fp8_attention: bool = False) -> None:
+def apply_kernels(dit: WanDiT, *, nvfp4_attention: bool = False, fp8_attention: bool | str = "off") -> None:
     """Kernel-backed ``modulate``, ``residual`` and attention cores in every block (idempotent);
     ``nvfp4_attention`` / ``fp8_attention`` (self-attention): see :class:`FusedAttentionCore`."""
     for block in dit.blocks:
@@ -212,13 +231,23 @@ def compile_blocks(dit: WanDiT, **compile_kwargs) -> None:
 
 def optimize(dit: WanDiT, *, kernels: bool = True, compile: bool = False, fp8: bool = False,
              keep_high_precision: list[str] | None = None, nvfp4_attention: bool = False,
-             fp8_attention: bool = False) -> dict:
+             fp8_attention: bool | str = "off") -> dict:
     """Set ``dit`` up for streaming inference in place (see the module docstring); returns what was applied.
     The attention options are kernel-backed modules: with ``kernels=False`` they are off (and logged so)."""
+    fp8_attention = _fp8_attention_mode(fp8_attention)
     applied = {"kernels": kernels, "compile": compile, "fp8": False, "nvfp4_attention": kernels and nvfp4_attention,
-               "fp8_attention": kernels and fp8_attention}
-    if fp8_attention and not kernels:
+               "fp8_attention": fp8_attention if kernels else "off"}
+    if fp8_attention != "off" and not kernels:
         log.warning("fp8_attention needs the kernel-backed attention core (kernels=True): left off")
+    if kernels and fp8_attention == "cudnn":
+        device = next(dit.parameters()).device
+        if device.type == "cuda" and use_kernel(torch.empty(0, device=device)):
+            from kernels.fp8_sdpa import unavailable_reason
+
+            reason = unavailable_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"inference.fp8_attention: cudnn cannot run here: {reason}. "
+                                   "Use fp8_attention: triton or off")
     if fp8:
         from longlive.quant.fp8 import convert_to_fp8
 
