@@ -24,7 +24,8 @@ from longlive.models.attention import KVCache
 from longlive.models.dit import AttentionCore
 
 QUANT_FRO = 0.1  # reference vs float32 attention, ||diff|| / ||exact|| (measured 5-9%: E4M3 q and k cost the most)
-KERNEL_FRO = 4e-2  # cuDNN vs reference
+KERNEL_FRO = 4e-2  # cuDNN vs reference (small shapes)
+WAN_RATIO, WAN_FRO = 2.0, 0.15  # at Wan2.2-5B's shape: cuDNN's error vs float32 against the reference's
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="runs the kernel on CPU tensors in Triton's interpreter")
 
@@ -157,7 +158,13 @@ def test_cudnn_against_reference(shape):
 @needs_cudnn_fp8
 def test_cudnn_at_wan_shape_on_cache_views():
     """Wan2.2-5B's steady block (7040 queries over 28160 keys, 24 heads of 128; a quarter of the heads), k and v
-    views of a larger (B, capacity, H, D) buffer as the KV cache hands them; the quantizer bit-exact on them."""
+    views of a larger (B, capacity, H, D) buffer as the KV cache hands them; the quantizer bit-exact on them.
+
+    At 28160 keys the kernel and the reference round P against different maxima (cuDNN's running max, rescaled
+    lazily, against the final one), so their FP8 errors are of one size but independent: on an H200 the two
+    differed by 12% while each is a few percent from float32 (random inputs: 6.0% and 5.4%,
+    benchmarks/results/fp8_attention_h200.md). So both are held against float32: the kernel's error within
+    WAN_RATIO of the reference's (a wrong scale, tile or layout costs O(1))."""
     from kernels.fp8_quant import quantize_tensor
     from kernels.fp8_sdpa import fp8_sdpa
 
@@ -167,7 +174,8 @@ def test_cudnn_at_wan_shape_on_cache_views():
         a, b = quantize_tensor(x), fp8_quant_ref.quantize_tensor(x)
         assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
     out = fp8_sdpa(q, k, v)
+    assert torch.isfinite(out).all()
     n = 1024
-    expected = ref.fp8_sdpa(q[:, :n], k, v)
-    assert fro(out[:, :n], expected) < KERNEL_FRO
-    assert fro(out[:, :n], exact(q[:, :n].float(), k.float(), v.float())) < QUANT_FRO
+    truth = exact(q[:, :n].float(), k.float(), v.float())
+    kernel_err, ref_err = fro(out[:, :n], truth), fro(ref.fp8_sdpa(q[:, :n], k, v), truth)
+    assert kernel_err < WAN_RATIO * ref_err and kernel_err < WAN_FRO, (kernel_err, ref_err)

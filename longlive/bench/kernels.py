@@ -73,6 +73,14 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
                partial(fp8_quant.quantize_rows, a), partial(fp8_quant_ref.quantize_rows, a), a.numel() * 3)
         out[-1]["bit_exact"] = r_exact
         del a, codes, rc
+    # FP8 per-tensor quantization of a full window's keys (cuDNN FP8 attention's input), bit-exact
+    a = torch.randn(1, S_k, H, hd, device=device, generator=g, dtype=torch.bfloat16)
+    codes, scale = fp8_quant.quantize_tensor(a)
+    rc, rs = fp8_quant_ref.quantize_tensor(a)
+    record("fp8 per-tensor quantization (keys, full window)", codes.float() * scale, rc.float() * rs,
+           partial(fp8_quant.quantize_tensor, a), partial(fp8_quant_ref.quantize_tensor, a), a.numel() * 5)
+    out[-1]["bit_exact"] = bool(torch.equal(codes.view(torch.uint8), rc.view(torch.uint8)) and torch.equal(scale, rs))
+    del a, codes, rc
     # FP8 GEMM (torch._scaled_mm, row-wise) vs its float32 emulation and vs the bf16 linear
     if fp8_gemm_available(device):
         for K, N in ((D, D), (D, shape.ffn), (shape.ffn, D)):
