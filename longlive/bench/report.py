@@ -33,7 +33,7 @@ def table_rows(res: dict) -> list[dict]:
             "cache pass": "yes" if r["cache_pass"] else "no (last step writes)",
             "block ms": f"{r['block_ms']:.0f}", "step ms": f"{r['step_ms']:.0f}",
             "cache pass ms": f"{r['cache_pass_ms']:.0f}", "VAE ms": _fmt(r.get("vae_ms"), "{:.0f}"),
-            "other ms": f"{r['other_ms']:.0f}", "DiT FPS": f"{r['dit_fps']:.1f}",
+            "other ms": f"{r['other_ms']:.0f}", "host ms": _fmt(r.get("host_ms"), "{:.0f}"), "DiT FPS": f"{r['dit_fps']:.1f}",
             "steady FPS": f"{r['steady_fps']:.1f}", "first block s": f"{r['first_block_latency_s']:.2f}",
             "ceiling FPS": _fmt(c), "% of ceiling": _fmt(100 * r["dit_fps"] / c if c else None, "{:.0f}"),
             "host syncs / block": _fmt(r.get("host_syncs_per_block"), "{}"),
@@ -113,8 +113,8 @@ def markdown(res: dict) -> str:
 
 
 TERMINAL_COLUMNS = ("resolution", "variant", "steps", "cache pass", "steady FPS", "first block s", "block ms",
-                    "cache pass ms", "VAE ms", "other ms", "DiT FPS", "ceiling FPS", "% of ceiling", "DiT peak GiB",
-                    "peak GiB")
+                    "cache pass ms", "VAE ms", "other ms", "host ms", "DiT FPS", "ceiling FPS", "% of ceiling",
+                    "DiT peak GiB", "peak GiB")
 
 
 def print_table(res: dict, file=None) -> None:

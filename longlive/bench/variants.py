@@ -169,6 +169,7 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
                 finally:
                     if cuda:
                         torch.cuda.set_sync_debug_mode(0)
+            t_issued = now()  # the chunk loop never syncs: the host has enqueued the block's work here
             sync(device)
             t_dit = now()
             if cuda:
@@ -184,7 +185,8 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
                 shape.pixel_frames_per_block if i else 1 + shape.pixel_frames_per_latent * (shape.block_frames - 1))
             per_block.append({
                 "block": i, "denoise_s": dit_s, "cache_s": cache_s, "vae_s": vae_s, "total_s": t1 - t0,
-                "other_s": (t1 - t0) - dit_s - cache_s - vae_s, "wall_dit_s": t_dit - t0, "done_at_s": t1 - start,
+                "other_s": (t1 - t0) - dit_s - cache_s - vae_s, "wall_dit_s": t_dit - t0, "host_s": t_issued - t0,
+                "done_at_s": t1 - start,
                 "pixel_frames": frames, "cache_frames": len(t["cache_frames"]), "cache_bytes": t["cache_bytes"],
                 "host_syncs": sum("synchroniz" in str(w.message).lower() for w in caught) if cuda else None})
         finite = bool(torch.isfinite(out.latents).all())
@@ -225,7 +227,7 @@ def summarize(name: str, variant_id: str, shape: BenchShape, r: dict) -> dict:
         "window_full": len(r["blocks"]) > shape.warm_blocks,
         "block_ms": dit + cache, "step_ms": dit / r["steps"], "dit_ms": dit, "cache_pass_ms": cache,
         "vae_ms": ms("vae_s") if r["vae"] else None, "other_ms": ms("other_s"), "total_ms": total,
-        "wall_block_ms": ms("wall_dit_s"),
+        "wall_block_ms": ms("wall_dit_s"), "host_ms": ms("host_s"),
         "dit_fps": frames / (n * (dit + cache) * 1e-3), "steady_fps": frames / (n * total * 1e-3),
         "first_block_latency_s": r["blocks"][0]["done_at_s"],
         "host_syncs_per_block": max(syncs) if syncs else None,
