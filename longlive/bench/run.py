@@ -40,7 +40,9 @@ NOTES = (
     "+ attention timed alone, x layers x passes. peak GiB: the stream's, decoding included (CUDA: "
     "max_memory_allocated; CPU: the process's peak RSS increase); DiT peak GiB (CUDA): while the DiT ran, the "
     "resident VAE weights included. host syncs / block: synchronizing CUDA calls inside the chunk loop counted by "
-    "torch.cuda.set_sync_debug_mode. 'bf16 plain' is the reference path (torch.cat KV cache, PyTorch elementwise "
+    "torch.cuda.set_sync_debug_mode. host ms: wall time until the host had enqueued a steady block's work (the chunk "
+    "loop never syncs; while the GPU is behind, launches wait for room in the launch queue, so a GPU-bound row shows host "
+    "ms below block ms by the queue's depth, and host ms = block ms means the GPU waited on the host). 'bf16 plain' is the reference path (torch.cat KV cache, PyTorch elementwise "
     "ops, per-forward context projections) run through the same sync-free loop. End to end: the VAE in its worker "
     "thread overlapping the next block, as `longlive generate` runs it.")
 TIMING = {
@@ -74,6 +76,8 @@ def command_line(args: argparse.Namespace, preset: Preset, shapes: list[BenchSha
              "--variants", *(v.id for v in variants), "--steps", *map(str, args.steps), "--blocks", str(args.blocks)]
     if args.last_step_cache:
         parts += ["--last-step-cache", *map(str, args.last_step_cache)]
+    if args.decoder != "vae":
+        parts += ["--decoder", args.decoder]
     for flag in ("block_frames", "window_frames", "context_tokens", "budget_s"):
         if getattr(args, flag) is not None:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
