@@ -9,6 +9,7 @@ on, and reports per-evaluation scores and the paired difference (per video, same
 
     python benchmarks/cache_from_last_step.py --models models     # ~5 min on 2 shared CPU cores
     python benchmarks/cache_from_last_step.py --option fp8_attention --checkpoint dmd/t2v-2step
+    python benchmarks/cache_from_last_step.py --option fp8_attention --on cudnn --checkpoint dmd/t2v-2step
 
 ``fp8_attention`` on the CPU runs the 8-bit attention's float32 reference (``kernels/fp8_attention_ref.py``),
 the same numbers as the GPU kernel up to its online softmax. Writes
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIFT = tuple(s for s in DRIFT_SETTINGS if s[0] in ("single sink=on", "switch sink=on recache=on"))
 
 
-VALUES = {"cache_from_last_step": ("false", "true"), "fp8_attention": ("false", "true"), "decoder": ("vae", "light")}
+VALUES = {"cache_from_last_step": ("false", "true"), "fp8_attention": ("off", "triton"), "decoder": ("vae", "light")}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -51,6 +52,7 @@ def main() -> int:
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with ar/t2v and base/")
     ap.add_argument("--option", default="cache_from_last_step", choices=list(VALUES),
                     help="the inference option compared off vs on (decoder: vae vs light)")
+    ap.add_argument("--on", help="the option's 'on' value (default: true; fp8_attention: triton, or cudnn)")
     ap.add_argument("--checkpoint", default="ar/t2v", help="the student under --models")
     ap.add_argument("--num-prompts", type=int, default=120)  # every caption of the held-out design once
     ap.add_argument("--num-multishot", type=int, default=32)
@@ -58,6 +60,7 @@ def main() -> int:
     ap.add_argument("--length-factor", type=int, default=6)
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
+    values = (VALUES[args.option][0], args.on or VALUES[args.option][1])
     torch.set_num_threads(1)
     models_dir = Path(args.models)
     preset = load_preset("tiny")
@@ -65,7 +68,7 @@ def main() -> int:
     reports = {}
     for on in (False, True):
         models, cfg_preset, ar = load_checkpoint(preset, models_dir / args.checkpoint, models_dir / "base",
-                                                 [f"{args.option}={VALUES[args.option][on]}"])
+                                                 [f"{args.option}={values[on]}"])
         reports[on] = evaluate(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
                                num_multishot=args.num_multishot, num_drift=args.num_drift,
                                length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
@@ -89,10 +92,11 @@ def main() -> int:
               "command": "python " + " ".join(sys.argv), "runtime_s": time.perf_counter() - t0,
               "chance_score": off["chance_score"], "rows": rows, "reports": {"off": off, "on": on}}
     title = {"cache_from_last_step": "Cache from the last denoising step",
-             "fp8_attention": "8-bit self-attention (INT8 q.k, E4M3 P.v)",
+             "fp8_attention": {"triton": "8-bit self-attention (INT8 q.k, E4M3 P.v)",
+                               "cudnn": "cuDNN FP8 self-attention (per-tensor E4M3 q, k, v, P)"}.get(values[1], values[1]),
              "decoder": "The light decoder (distill_decoder) instead of the VAE"}[args.option]
     off_name, on_name = {"cache_from_last_step": ("off (t=0 cache pass)", "on (last step writes)"),
-                         "fp8_attention": ("off (SDPA)", "on (8-bit)"),
+                         "fp8_attention": ("off (SDPA)", f"on ({values[1]})"),
                          "decoder": ("VAE decoder", "light decoder")}[args.option]
     lines = [f"# {title}: quality cost on the tiny T2V student `{args.checkpoint}`", "",
              f"{result['date']}; models `{models_dir}`; `{result['command']}` ({result['runtime_s']:.0f} s). "
@@ -104,7 +108,8 @@ def main() -> int:
                      f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.option}_tiny" + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
+    stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES[args.option][1] else f"_{args.on}") \
+        + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
