@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels.fp8_quant import quantize_tensor
-from kernels.fp8_quant_ref import E4M3_MAX
 from kernels.fp8_sdpa_ref import SCALE_S
 
 log = logging.getLogger(__name__)
@@ -178,4 +177,4 @@ def attention_codes(qc: torch.Tensor, dq: torch.Tensor, kc: torch.Tensor, dk: to
     return out
 
 
-__all__ = ["fp8_sdpa", "attention_codes", "unavailable_reason", "INSTALL_HINT", "E4M3_MAX"]
+__all__ = ["fp8_sdpa", "attention_codes", "unavailable_reason", "INSTALL_HINT"]

@@ -126,7 +126,7 @@ FP8_ATTENTION_MODES = ("off", "triton", "cudnn")
 
 
 def _fp8_attention_mode(value: bool | str) -> str:
-    mode = {False: "off", True: "triton"}.get(value, value) if isinstance(value, bool) else value
+    mode = ("triton" if value else "off") if isinstance(value, bool) else value
     if mode not in FP8_ATTENTION_MODES:
         raise ValueError(f"fp8_attention must be one of {FP8_ATTENTION_MODES} (or a bool), got {value!r}")
     return mode
