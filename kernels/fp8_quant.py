@@ -97,7 +97,7 @@ def _tensor_amax_kernel(x_ptr, amax_ptr, S, C, stride_xb, stride_xs, BLOCK_S: tl
 
 
 @triton.jit
-def _tensor_codes_kernel(x_ptr, codes_ptr, amax_ptr, scale_ptr, S, C, stride_xb, stride_xs, amax_min,
+def _tensor_codes_kernel(x_ptr, codes_ptr, amax_ptr, S, C, stride_xb, stride_xs, amax_min,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BIT_CAST: tl.constexpr):
     b = tl.program_id(2)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -106,8 +106,6 @@ def _tensor_codes_kernel(x_ptr, codes_ptr, amax_ptr, scale_ptr, S, C, stride_xb,
     x = tl.load(x_ptr + b * stride_xb + s[:, None] * stride_xs + c[None, :], mask=mask, other=0.0).to(tl.float32)
     a = tl.maximum(tl.load(amax_ptr), amax_min)
     inv = tl.math.div_rn(tl.full((BLOCK_S, BLOCK_C), 448.0, tl.float32), tl.full((BLOCK_S, BLOCK_C), 1.0, tl.float32) * a)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):  # the scale, correctly rounded
-        tl.store(scale_ptr + tl.arange(0, 1), tl.math.div_rn(tl.full((1,), 1.0, tl.float32) * a, tl.full((1,), 448.0, tl.float32)))
     v = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
     if BIT_CAST:  # the interpreter's float32 -> E4M3 cast mis-rounds at binade carries: round on the bits
         code = _e4m3_bits(v).to(tl.uint8)
@@ -129,9 +127,6 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x3 = x.flatten(2)
     B, S, C = x3.shape
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-    # the codes kernel writes the scale (launches fewer than PyTorch's clamp and divide); an empty x keeps the floor
-    scale = torch.full((1,), AMAX_MIN / E4M3_MAX, dtype=torch.float32, device=x.device) if not x3.numel() else \
-        torch.empty(1, dtype=torch.float32, device=x.device)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     if x3.numel():
         block_s, block_c = (4, 32) if _interpreting() else (8, 512)
@@ -139,6 +134,6 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         warps = 1 if _interpreting() else 4
         _tensor_amax_kernel[grid](x3, amax, S, C, x3.stride(0), x3.stride(1), BLOCK_S=block_s, BLOCK_C=block_c,
                                   num_warps=warps)
-        _tensor_codes_kernel[grid](x3, codes, amax, scale, S, C, x3.stride(0), x3.stride(1), AMAX_MIN,
-                                   BLOCK_S=block_s, BLOCK_C=block_c, BIT_CAST=_interpreting(), num_warps=warps)
-    return codes.view(torch.float8_e4m3fn), scale
+        _tensor_codes_kernel[grid](x3, codes, amax, S, C, x3.stride(0), x3.stride(1), AMAX_MIN, BLOCK_S=block_s,
+                                   BLOCK_C=block_c, BIT_CAST=_interpreting(), num_warps=warps)
+    return codes.view(torch.float8_e4m3fn), amax.clamp(min=AMAX_MIN) / E4M3_MAX
