@@ -27,6 +27,7 @@ from longlive.eval.quality import evaluate, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ar_quality import commit, f, machine, write_results  # noqa: E402  (same folder: shared provenance helpers)
+from cache_from_last_step import paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,6 +44,16 @@ def runs(variant: str) -> list[tuple[str, Path, list[str]]]:
         (f"DMD {variant} 4-step", dmd / f"{variant}-4step", []),
         (f"DMD {variant} 2-step", dmd / f"{variant}-2step", []),
     ]
+
+
+def comparisons(runs: dict, variant: str) -> dict:
+    """The DMD 2-step student minus the AR student at 8 and at 2 steps, paired per video (every model sees the
+    same prompts and seeds, so the per-video difference's standard error is the one that applies)."""
+    rows = lambda n: [r["score"] for r in runs[n]["score"]["rows"]]  # noqa: E731
+    two = rows(f"DMD {variant} 2-step")
+    vs_many, vs_many_sem = paired(rows(f"AR {variant}, 8 steps"), two)
+    vs_two, vs_two_sem = paired(rows(f"AR {variant}, 2 steps"), two)
+    return {"vs_many": vs_many, "vs_many_sem": vs_many_sem, "vs_two": vs_two, "vs_two_sem": vs_two_sem}
 
 
 def markdown(result: dict) -> str:
@@ -64,7 +75,7 @@ def markdown(result: dict) -> str:
               "| variant | DMD 2-step − AR 8 steps | DMD 2-step − AR 2 steps |", "|---|---|---|"]
     for v, d in result["comparisons"].items():
         lines.append(f"| {v} | {d['vs_many']:+.3f} ± {d['vs_many_sem']:.3f} | {d['vs_two']:+.3f} ± {d['vs_two_sem']:.3f} |")
-    lines += ["", "± is the standard error of a difference of two independent means (sqrt(sem_a² + sem_b²)).", "",
+    lines += ["", "± is the standard error of the mean per-video difference (same prompt and seed for every model).", "",
               "## train_dmd wall time", "", "| stage | wall s | steps |", "|---|---|---|"]
     for name, m in result["train_dmd"].items():
         lines.append(f"| train_dmd@{name} | {m.get('wall_time_s', '-')} | {m.get('steps', '-')} |")
@@ -97,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "kind": variant, "steps": len(cfg.inference.denoising_steps),
                                     "score": report[variant]}
             print(f"{name}: {report[variant]['score']:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-        s = lambda n: result["runs"][n]["score"]  # noqa: E731
-        two, many, ar2 = s(f"DMD {variant} 2-step"), s(f"AR {variant}, 8 steps"), s(f"AR {variant}, 2 steps")
-        result["comparisons"][variant] = {
-            "vs_many": two["score"] - many["score"], "vs_many_sem": math.hypot(two["score_sem"], many["score_sem"]),
-            "vs_two": two["score"] - ar2["score"], "vs_two_sem": math.hypot(two["score_sem"], ar2["score_sem"]),
-        }
+        result["comparisons"][variant] = comparisons(result["runs"], variant)
         for student in ("4step", "2step"):
             m = ROOT / "reports/train_dmd" / f"{variant}-{student}" / "metrics.json"
             result["train_dmd"][f"{variant}-{student}"] = json.loads(m.read_text()) if m.is_file() else {}
