@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from longlive.train.dmd import train_dmd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ar_quality import commit, f, machine, write_results  # noqa: E402  (same folder: shared provenance helpers)
-from cache_from_last_step import paired  # noqa: E402
+from dmd_quality import compare, comparison_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,8 +86,7 @@ def markdown(result: dict) -> str:
                      f"{f(s['shape_acc'])} | {f(s['motion_acc'])} | {f(s['object_rate'])} |")
     lines += ["", "## The DMD 2-step student against its AR student (paired per video)", "",
               "| variant | DMD 2-step − AR many steps | DMD 2-step − AR 2 steps |", "|---|---|---|"]
-    for v, d in result["comparisons"].items():
-        lines.append(f"| {v} | {d['vs_many']:+.3f} ± {d['vs_many_sem']:.3f} | {d['vs_two']:+.3f} ± {d['vs_two_sem']:.3f} |")
+    lines += comparison_lines(result["comparisons"])
     lines += ["", "± is the standard error of the mean per-video difference (same prompt and seed)."]
     if result.get("training"):
         lines += ["", "## Training wall time", "", "| stage | wall s |", "|---|---|"]
@@ -134,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "score": {k: v for k, v in report[variant].items() if k != "rows"}}
             rows[name] = [r["score"] for r in report[variant]["rows"]]
             print(f"{name}: {report[variant]['score']:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-        dmd = rows[runs[-1][0]]
-        vs_many, vs_many_sem = paired(rows[runs[0][0]], dmd)
-        vs_two, vs_two_sem = paired(rows[runs[2][0]], dmd)
-        result["comparisons"][variant] = {"vs_many": vs_many, "vs_many_sem": vs_many_sem, "vs_two": vs_two,
-                                          "vs_two_sem": vs_two_sem}
+        result["comparisons"][variant] = compare(rows[runs[0][0]], rows[runs[2][0]], rows[runs[-1][0]])
     result["runtime_s"] = time.perf_counter() - t0
     write_results(result, Path(args.out), markdown(result))
     print(markdown(result))

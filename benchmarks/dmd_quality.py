@@ -49,10 +49,21 @@ def comparisons(runs: dict, variant: str) -> dict:
     """The DMD 2-step student minus the AR student at 8 and at 2 steps, paired per video (every model sees the
     same prompts and seeds, so the per-video difference's standard error is the one that applies)."""
     rows = lambda n: [r["score"] for r in runs[n]["score"]["rows"]]  # noqa: E731
-    two = rows(f"DMD {variant} 2-step")
-    vs_many, vs_many_sem = paired(rows(f"AR {variant}, 8 steps"), two)
-    vs_two, vs_two_sem = paired(rows(f"AR {variant}, 2 steps"), two)
+    return compare(rows(f"AR {variant}, 8 steps"), rows(f"AR {variant}, 2 steps"), rows(f"DMD {variant} 2-step"))
+
+
+def compare(many: list[float], two: list[float], dmd: list[float]) -> dict:
+    """Per-video scores of the AR student at many and at 2 steps and of the DMD 2-step student -> the paired
+    differences DMD - AR with their standard errors."""
+    vs_many, vs_many_sem = paired(many, dmd)
+    vs_two, vs_two_sem = paired(two, dmd)
     return {"vs_many": vs_many, "vs_many_sem": vs_many_sem, "vs_two": vs_two, "vs_two_sem": vs_two_sem}
+
+
+def comparison_lines(comparisons: dict) -> list[str]:
+    """The table rows of :func:`compare`'s results, one per variant."""
+    return [f"| {v} | {d['vs_many']:+.3f} ± {d['vs_many_sem']:.3f} | {d['vs_two']:+.3f} ± {d['vs_two_sem']:.3f} |"
+            for v, d in comparisons.items()]
 
 
 def markdown(result: dict) -> str:
@@ -72,8 +83,7 @@ def markdown(result: dict) -> str:
                      f"{f(s['shape_acc'])} | {f(s['motion_acc'])} | {f(s['object_rate'])} | {c:.3f} |")
     lines += ["", "## The 2-step student against the AR student", "",
               "| variant | DMD 2-step − AR 8 steps | DMD 2-step − AR 2 steps |", "|---|---|---|"]
-    for v, d in result["comparisons"].items():
-        lines.append(f"| {v} | {d['vs_many']:+.3f} ± {d['vs_many_sem']:.3f} | {d['vs_two']:+.3f} ± {d['vs_two_sem']:.3f} |")
+    lines += comparison_lines(result["comparisons"])
     lines += ["", "± is the standard error of the mean per-video difference (same prompt and seed for every model).", "",
               "## train_dmd wall time", "", "| stage | wall s | steps |", "|---|---|---|"]
     for name, m in result["train_dmd"].items():
