@@ -13,7 +13,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from longlive.secrets import (
+    REDACTED,
+    SECRET_FIX,
+    SecretInParamsError,
+    check_no_secrets,
+    is_secret_key,
+    redact,
+    redact_options,
+)
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 PRESET_ENV = "LONGLIVE_PRESET"
@@ -25,28 +45,30 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A ValidationError printed as is (callers that re-validate a section) must not echo a value: it may be a
+    # credential that was refused. _format_error shows inputs, redacted, for load_preset's ConfigError.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class VideoConfig(_Strict):
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
-    num_frames: int = Field(gt=0, description="pixel frames per training clip; 1 + 4k for the causal VAE")
-    fps: int = Field(gt=0, le=240)
+    height: StrictInt = Field(gt=0)
+    width: StrictInt = Field(gt=0)
+    num_frames: StrictInt = Field(gt=0, description="pixel frames per training clip; 1 + 4k for the causal VAE")
+    fps: StrictInt = Field(gt=0, le=240)
 
 
 class VAEConfig(_Strict):
     """Sizes of the Wan-style causal VAE (diffusers ``AutoencoderKLWan`` arguments)."""
 
-    base_dim: int = Field(gt=0)
-    decoder_base_dim: int = Field(gt=0)
-    z_dim: int = Field(gt=0)
-    dim_mult: list[int] = Field(min_length=2)
-    num_res_blocks: int = Field(gt=0)
-    temperal_downsample: list[bool]
-    is_residual: bool = True
-    patch_size: int = Field(ge=1)
-    compression: tuple[int, int, int] = Field(description="declared (t, h, w) compression; checked against the sizes")
+    base_dim: StrictInt = Field(gt=0)
+    decoder_base_dim: StrictInt = Field(gt=0)
+    z_dim: StrictInt = Field(gt=0)
+    dim_mult: list[StrictInt] = Field(min_length=2)
+    num_res_blocks: StrictInt = Field(gt=0)
+    temperal_downsample: list[StrictBool]
+    is_residual: StrictBool = True
+    patch_size: StrictInt = Field(ge=1)
+    compression: tuple[StrictInt, StrictInt, StrictInt] = Field(description="declared (t, h, w) compression; checked against the sizes")
 
     @property
     def temporal_compression(self) -> int:
@@ -75,10 +97,10 @@ class TextConfig(_Strict):
     """``tiny``: the built-in word-level encoder; ``umt5``: UMT5 through transformers from ``path``."""
 
     kind: Literal["tiny", "umt5"]
-    max_tokens: int = Field(gt=0, le=4096)
-    dim: int = Field(gt=0, description="width of the text embeddings the DiT cross-attends to")
-    num_layers: int = Field(default=2, ge=0)
-    num_heads: int = Field(default=4, gt=0)
+    max_tokens: StrictInt = Field(gt=0, le=4096)
+    dim: StrictInt = Field(gt=0, description="width of the text embeddings the DiT cross-attends to")
+    num_layers: StrictInt = Field(default=2, ge=0)
+    num_heads: StrictInt = Field(default=4, gt=0)
     path: str | None = Field(default=None, description="local UMT5 directory (umt5 only); nothing downloads")
 
     @model_validator(mode="after")
@@ -91,15 +113,15 @@ class TextConfig(_Strict):
 class DiTConfig(_Strict):
     """Sizes of the Wan2.2 DiT. Wan2.2-TI2V-5B: 30 layers, dim 3072, 24 heads, ffn 14336."""
 
-    num_layers: int = Field(gt=0)
-    dim: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    ffn_dim: int = Field(gt=0)
-    freq_dim: int = Field(gt=0)
-    patch_size: tuple[int, int, int]
-    eps: float = Field(default=1e-6, gt=0)
-    cross_attn_norm: bool = True
-    rope_max_seq_len: int = Field(default=1024, gt=0)
+    num_layers: StrictInt = Field(gt=0)
+    dim: StrictInt = Field(gt=0)
+    num_heads: StrictInt = Field(gt=0)
+    ffn_dim: StrictInt = Field(gt=0)
+    freq_dim: StrictInt = Field(gt=0)
+    patch_size: tuple[StrictInt, StrictInt, StrictInt]
+    eps: StrictFloat = Field(default=1e-6, gt=0)
+    cross_attn_norm: StrictBool = True
+    rope_max_seq_len: StrictInt = Field(default=1024, gt=0)
 
     @property
     def head_dim(self) -> int:
@@ -117,11 +139,11 @@ class DiTConfig(_Strict):
 
 
 class SynthConfig(_Strict):
-    num_videos: int = Field(gt=0)
-    multishot_fraction: float = Field(ge=0.0, le=1.0)
-    seed: int = 0
-    min_radius: int = Field(gt=0)
-    max_radius: int = Field(gt=0)
+    num_videos: StrictInt = Field(gt=0)
+    multishot_fraction: StrictFloat = Field(ge=0.0, le=1.0)
+    seed: StrictInt = 0
+    min_radius: StrictInt = Field(gt=0)
+    max_radius: StrictInt = Field(gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "SynthConfig":
@@ -131,10 +153,10 @@ class SynthConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(ge=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    log_every: int = Field(default=10, gt=0)
+    steps: StrictInt = Field(ge=0)
+    batch_size: StrictInt = Field(gt=0)
+    lr: StrictFloat = Field(gt=0)
+    log_every: StrictInt = Field(default=10, gt=0)
 
 
 class BaseConfig(_Strict):
@@ -142,8 +164,8 @@ class BaseConfig(_Strict):
 
     vae: TrainConfig
     dit: TrainConfig
-    kl_weight: float = Field(default=1e-6, ge=0)
-    timestep_shift: float = Field(gt=0)
+    kl_weight: StrictFloat = Field(default=1e-6, ge=0)
+    timestep_shift: StrictFloat = Field(gt=0)
     weights: str | None = Field(default=None, description="local Wan2.2 diffusers directory (real presets)")
 
 
@@ -151,17 +173,17 @@ class LightDecoderDistillConfig(_Strict):
     """The ``distill_decoder`` stage: the light decoder learns the full VAE decoder's output on the encoded latents."""
 
     train: TrainConfig
-    gt_weight: float = Field(default=0.1, ge=0, description="weight of an L1 term against the real frames, beside "
+    gt_weight: StrictFloat = Field(default=0.1, ge=0, description="weight of an L1 term against the real frames, beside "
                              "L1 + L2 against the VAE's decode")
-    eval_clips: int = Field(default=8, ge=1, description="the first clips (key order) are held out for the PSNRs "
+    eval_clips: StrictInt = Field(default=8, ge=1, description="the first clips (key order) are held out for the PSNRs "
                             "(base holds the first synth.num_videos // 12 out of the VAE's training too)")
-    latent_crop: tuple[int, int, int] | None = Field(
+    latent_crop: tuple[StrictInt, StrictInt, StrictInt] | None = Field(
         default=None, description="(frames, height, width) in latents: train on each clip's first `frames` latent "
         "frames and a random window, against the same window of the VAE's full-frame decode; None: whole clips")
-    cache: bool = Field(default=True, description="keep each training clip's VAE decode and frames in memory "
+    cache: StrictBool = Field(default=True, description="keep each training clip's VAE decode and frames in memory "
                         "(small datasets); false: decode every batch")
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
-    ckpt_every: int = Field(default=100, gt=0)
+    ckpt_every: StrictInt = Field(default=100, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "LightDecoderDistillConfig":
@@ -176,11 +198,11 @@ class LightDecoderConfig(_Strict):
     ``spatial_upsample[k]``, a TGrow(2) where ``temporal_upsample[k]``, and a conv to ``channels[k + 1]``; the head
     pixel-shuffles by ``patch_size``. Its upsampling must equal ``vae.compression`` (checked with the preset)."""
 
-    channels: list[int] = Field(min_length=2, description="width of each stage, then of the output head")
-    blocks: list[int] = Field(min_length=1, description="MemBlocks per stage: len(channels) - 1 entries")
-    spatial_upsample: list[bool]
-    temporal_upsample: list[bool]
-    patch_size: int = Field(default=1, ge=1, description="pixel shuffle of the output head")
+    channels: list[StrictInt] = Field(min_length=2, description="width of each stage, then of the output head")
+    blocks: list[StrictInt] = Field(min_length=1, description="MemBlocks per stage: len(channels) - 1 entries")
+    spatial_upsample: list[StrictBool]
+    temporal_upsample: list[StrictBool]
+    patch_size: StrictInt = Field(default=1, ge=1, description="pixel shuffle of the output head")
     distill: LightDecoderDistillConfig | None = Field(default=None, description="distill_decoder's settings")
 
     @property
@@ -207,15 +229,24 @@ class LightDecoderConfig(_Strict):
         return self
 
 
+def _no_credentials(value: Any) -> Any:
+    """Params are printed, recorded in dvc.lock and published: refuse credentials (keys of options, URL
+    user-info) there, so they come from the environment or a named profile (``longlive.secrets``)."""
+    check_no_secrets(value, "")
+    return value
+
+
 class EncodeConfig(_Strict):
     url: str = Field(min_length=1, description="local path or s3:// prefix of the shards")
-    samples_per_shard: int = Field(gt=0)
+    samples_per_shard: StrictInt = Field(gt=0)
+
+    _check_url = field_validator("url")(_no_credentials)
 
 
 class ValidateConfig(_Strict):
-    latent_mean_abs_max: float = Field(gt=0)
-    latent_std_min: float = Field(gt=0)
-    latent_std_max: float = Field(gt=0)
+    latent_mean_abs_max: StrictFloat = Field(gt=0)
+    latent_std_min: StrictFloat = Field(gt=0)
+    latent_std_max: StrictFloat = Field(gt=0)
 
 
 def _check_denoising_steps(steps: list[int]) -> None:
@@ -228,22 +259,22 @@ def _check_denoising_steps(steps: list[int]) -> None:
 class EMAConfig(_Strict):
     """Exponential moving average of the weights; the EMA weights are what a trainer exports."""
 
-    decay: float = Field(default=0.99, gt=0, lt=1)
-    start_step: int = Field(default=0, ge=0, description="before this step the EMA just copies the weights")
+    decay: StrictFloat = Field(default=0.99, gt=0, lt=1)
+    start_step: StrictInt = Field(default=0, ge=0, description="before this step the EMA just copies the weights")
 
 
 class ARVariantConfig(_Strict):
     """One ``train_ar`` variant (an item of the DVC ``foreach``)."""
 
-    i2v: bool = Field(default=False, description="latent frame 0 is the clean image latent: t=0, no loss")
-    independent_first_frame: bool = Field(default=False, description="latent frame 0 is a block of its own")
+    i2v: StrictBool = Field(default=False, description="latent frame 0 is the clean image latent: t=0, no loss")
+    independent_first_frame: StrictBool = Field(default=False, description="latent frame 0 is a block of its own")
 
 
 class LoRAConfig(_Strict):
     """LoRA adapters (``longlive.models.lora``) on the DiT's projections; trained alone, base frozen."""
 
-    rank: int = Field(gt=0)
-    alpha: float = Field(gt=0, description="the update is scaled by alpha / rank")
+    rank: StrictInt = Field(gt=0)
+    alpha: StrictFloat = Field(gt=0, description="the update is scaled by alpha / rank")
     targets: list[str] = Field(
         default_factory=lambda: ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out",
                                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out",
@@ -256,29 +287,29 @@ class ARConfig(_Strict):
     """``train_ar``: block-causal teacher forcing, the student initialised from the base teacher."""
 
     train: TrainConfig
-    block_frames: int = Field(gt=0, description="latent frames per causal block")
-    timestep_shift: float = Field(gt=0)
-    denoising_steps: list[int] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
+    block_frames: StrictInt = Field(gt=0, description="latent frames per causal block")
+    timestep_shift: StrictFloat = Field(gt=0)
+    denoising_steps: list[StrictInt] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
     timestep_sampling: Literal["steps", "uniform"] = Field(
         default="steps", description="steps: each block draws one of denoising_steps; uniform: shifted U(0, 1)"
     )
-    caption_dropout: float = Field(default=0.1, ge=0, le=1)
-    sink_frames: int = Field(
+    caption_dropout: StrictFloat = Field(default=0.1, ge=0, le=1)
+    sink_frames: StrictInt = Field(
         default=0, ge=0, description="with window_frames: the first latent frames of the (anchor) shot every block sees"
     )
-    window_frames: int | None = Field(
+    window_frames: StrictInt | None = Field(
         default=None, ge=0,
         description="None: a block sees all earlier blocks; k: only the sink and the k latest earlier frames "
         "(the inference cache's view, so long clips teach the student to stream)",
     )
-    multishot_sink: bool = Field(default=True, description="the sink is the current shot's first frames, as at inference")
+    multishot_sink: StrictBool = Field(default=True, description="the sink is the current shot's first frames, as at inference")
     lora: LoRAConfig | None = Field(default=None, description="train LoRA adapters instead of all weights")
     ema: EMAConfig = EMAConfig()
-    grad_clip: float = Field(default=1.0, gt=0)
-    grad_accum: int = Field(default=1, ge=1, description="micro-batches of train.batch_size per optimizer step")
+    grad_clip: StrictFloat = Field(default=1.0, gt=0)
+    grad_accum: StrictInt = Field(default=1, ge=1, description="micro-batches of train.batch_size per optimizer step")
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
-    ckpt_every: int = Field(default=50, gt=0)
-    shards_in_memory: int | None = Field(
+    ckpt_every: StrictInt = Field(default=50, gt=0)
+    shards_in_memory: StrictInt | None = Field(
         default=None, ge=1, description="None: load every shard once; k: stream, holding k shards (a batch per shard)"
     )
     variants: dict[str, ARVariantConfig] = Field(min_length=1)
@@ -301,16 +332,16 @@ class DMDConfig(_Strict):
     """
 
     train: TrainConfig
-    critic_lr: float | None = Field(default=None, gt=0, description="None: train.lr")
-    critic_updates: int = Field(default=5, ge=1, description="critic updates per generator update")
-    guidance_scale: float = Field(default=3.0, ge=1, description="classifier-free guidance of the real score")
-    timestep_shift: float = Field(gt=0)
-    min_timestep: float = Field(default=20, ge=0, lt=1000, description="DMD noise levels t ~ U(min, max), then shifted")
-    max_timestep: float = Field(default=980, gt=0, le=1000)
-    students: dict[str, list[int]] = Field(
+    critic_lr: StrictFloat | None = Field(default=None, gt=0, description="None: train.lr")
+    critic_updates: StrictInt = Field(default=5, ge=1, description="critic updates per generator update")
+    guidance_scale: StrictFloat = Field(default=3.0, ge=1, description="classifier-free guidance of the real score")
+    timestep_shift: StrictFloat = Field(gt=0)
+    min_timestep: StrictFloat = Field(default=20, ge=0, lt=1000, description="DMD noise levels t ~ U(min, max), then shifted")
+    max_timestep: StrictFloat = Field(default=980, gt=0, le=1000)
+    students: dict[str, list[StrictInt]] = Field(
         min_length=1, description="student name -> denoising step list, e.g. {4step: [1000, 750, 500, 250]}")
     variants: list[str] = Field(min_length=1, description="ar.variants to distil (t2v, i2v)")
-    tf_weight: float = Field(
+    tf_weight: StrictFloat = Field(
         default=0.0, ge=0,
         description="weight of a data term on generator steps: the AR teacher-forcing loss at the student's "
         "step list (0: pure DMD). It keeps what AR training learned from data where the teacher is weak",
@@ -318,14 +349,14 @@ class DMDConfig(_Strict):
     lora: LoRAConfig | None = Field(default=None, description="train LoRA adapters; the export keeps them apart")
     qat_students: list[str] = Field(
         default_factory=list, description="students that also get an NVFP4 QAT fine-tune (train_qat stage)")
-    qat_steps: int = Field(default=50, ge=1, description="DMD steps of the QAT fine-tune")
+    qat_steps: StrictInt = Field(default=50, ge=1, description="DMD steps of the QAT fine-tune")
     ema: EMAConfig = EMAConfig()
-    grad_clip: float = Field(default=1.0, gt=0)
+    grad_clip: StrictFloat = Field(default=1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     frozen_dtype: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
-    activation_checkpointing: bool = Field(default=False, description="recompute the critic's block activations in backward")
-    ckpt_every: int = Field(default=50, gt=0)
+    activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in backward")
+    ckpt_every: StrictInt = Field(default=50, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DMDConfig":
@@ -356,9 +387,9 @@ class ParallelConfig(_Strict):
     weights, gradients and optimizer state are sharded over all of them (FSDP2).
     """
 
-    nproc: int = Field(default=1, ge=1, description="processes per node (torchrun --nproc_per_node); 1 runs plainly")
-    nnodes: int = Field(default=1, ge=1, description="nodes; > 1 needs LONGLIVE_RDZV_ENDPOINT for torchrun")
-    sp: int = Field(default=1, ge=1, description="sequence-parallel degree; divides nproc * nnodes")
+    nproc: StrictInt = Field(default=1, ge=1, description="processes per node (torchrun --nproc_per_node); 1 runs plainly")
+    nnodes: StrictInt = Field(default=1, ge=1, description="nodes; > 1 needs LONGLIVE_RDZV_ENDPOINT for torchrun")
+    sp: StrictInt = Field(default=1, ge=1, description="sequence-parallel degree; divides nproc * nnodes")
     sp_attention: Literal["ulysses", "allgather"] = Field(
         default="ulysses", description="ulysses: all-to-all to a head split (heads divide by sp); "
         "allgather: each rank attends its own queries to all-gathered K/V (any head count)",
@@ -390,36 +421,40 @@ class InferenceConfig(_Strict):
     ``shift_sigma(t / 1000, timestep_shift)`` (Self-Forcing's warped step list).
     """
 
-    block_frames: int = Field(gt=0, description="latent frames generated per chunk")
-    denoising_steps: list[int] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
-    timestep_shift: float = Field(gt=0)
+    block_frames: StrictInt = Field(gt=0, description="latent frames generated per chunk")
+    denoising_steps: list[StrictInt] = Field(min_length=1, description="timesteps in (0, 1000], before the shift")
+    timestep_shift: StrictFloat = Field(gt=0)
     sampler: Literal["renoise", "euler"] = Field(
         default="renoise", description="renoise: x0 then fresh noise at the next sigma (few-step students); euler: ODE step"
     )
-    independent_first_frame: bool = Field(default=True, description="I2V: the image latent is a block of its own")
-    sink_frames: int = Field(ge=0, description="first latent frames (of the video, or of the shot) always kept")
-    window_frames: int = Field(ge=0, description="most recent latent frames kept besides the sink")
-    multishot_sink: bool = Field(default=True, description="re-anchor the sink to each new shot's first frames")
-    multishot_rope_offset: int = Field(default=0, ge=0, description="extra RoPE frames between shots")
-    max_block_position: int | None = Field(
+    independent_first_frame: StrictBool = Field(default=True, description="I2V: the image latent is a block of its own")
+    sink_frames: StrictInt = Field(ge=0, description="first latent frames (of the video, or of the shot) always kept")
+    window_frames: StrictInt = Field(ge=0, description="most recent latent frames kept besides the sink")
+    multishot_sink: StrictBool = Field(default=True, description="re-anchor the sink to each new shot's first frames")
+    multishot_rope_offset: StrictInt = Field(default=0, ge=0, description="extra RoPE frames between shots")
+    max_block_position: StrictInt | None = Field(
         default=None, ge=0,
         description="RoPE position a block never starts beyond: once the video outgrows the training clip, "
         "the sink keeps its positions and the window + block sit where the last block of a training clip "
         "sat (from the student's ar_config.json); None: closed-up positions",
     )
-    recache_on_switch: bool = Field(default=True, description="recompute the cached K/V under a new prompt")
-    guidance_scale: float = Field(default=1.0, ge=0, description="classifier-free guidance; 1 = off")
+    recache_on_switch: StrictBool = Field(default=True, description="recompute the cached K/V under a new prompt")
+    guidance_scale: StrictFloat = Field(default=1.0, ge=0, description="classifier-free guidance; 1 = off")
     vae_device: str = Field(default="auto", description="device of the VAE decoder; auto = the DiT's")
-    async_decode: bool = Field(default=True, description="decode block k in a thread while block k+1 denoises")
-    vae_frames_per_call: int = Field(default=1, ge=1, description="latent frames per VAE decoder call after the "
+    async_decode: StrictBool = Field(default=True, description="decode block k in a thread while block k+1 denoises")
+    max_seconds: StrictFloat = Field(
+        default=3600.0, gt=0, allow_inf_nan=False,
+        description="longest video `longlive generate` accepts (memory stays flat at any length, but an hour of "
+        "real-time video is far past anything the students were trained on; a typo such as 1e9 is refused up front)")
+    vae_frames_per_call: StrictInt = Field(default=1, ge=1, description="latent frames per VAE decoder call after the "
                                      "first (1: bitwise as diffusers; more: larger convolutions, more memory)")
     # the real-time path (longlive.inference.fast); on the CPU every option below but fp8/compile is a no-op
-    kernels: bool = Field(default=True, description="fused Triton kernels (RoPE, LayerNorm + adaLN, gated residual) "
+    kernels: StrictBool = Field(default=True, description="fused Triton kernels (RoPE, LayerNorm + adaLN, gated residual) "
                           "on CUDA, the PyTorch reference elsewhere; LONGLIVE_KERNELS=0 turns every kernel off")
-    compile: bool = Field(default=False, description="torch.compile each DiT block (the KV-cache core stays eager)")
-    fp8: bool = Field(default=False, description="row-wise dynamic FP8 (E4M3) linears through torch._scaled_mm "
+    compile: StrictBool = Field(default=False, description="torch.compile each DiT block (the KV-cache core stays eager)")
+    fp8: StrictBool = Field(default=False, description="row-wise dynamic FP8 (E4M3) linears through torch._scaled_mm "
                       "(compute capability >= 8.9; a float32 emulation elsewhere); quant.keep_high_precision stays bf16")
-    cache_from_last_step: bool = Field(
+    cache_from_last_step: StrictBool = Field(
         default=False, description="write the KV cache during the last denoising step instead of a separate t=0 pass "
         "over the clean block (one forward less per block; the cache then holds K/V of the last step's noisy input)")
     decoder: Literal["vae", "light"] = Field(
@@ -457,6 +492,8 @@ class PublishCheckpoint(_Strict):
                                            "time embedding stay fp32, as in diffusers); keep: copied as stored")
     quantization: dict[str, str | int | float | bool] | None = Field(
         default=None, description="e.g. {format: nvfp4, backend: triton}; merged over what the checkpoint records")
+    lora: Literal["merged", "separate"] = Field(default="merged", description="a LoRA-trained export: merged = the "
+                                                "adapter folded into dit/; separate = base dit/ + a peft adapter beside it")
 
     @model_validator(mode="before")
     @classmethod
@@ -480,10 +517,16 @@ class PublishConfig(_Strict):
     metrics: dict[str, str] = Field(default_factory=dict, description="name -> metrics JSON file")
     base: str = Field(default="models/base", description="base models directory (vae/, text/)")
     base_components: list[str] = Field(default_factory=lambda: ["vae", "text"])
-    latest: bool = Field(default=True, description="point <url>/latest.json at the new release")
-    force: bool = Field(default=False, description="replace an existing release of the same version")
+    latest: StrictBool = Field(default=True, description="point <url>/latest.json at the new release")
+    force: StrictBool = Field(default=False, description="replace an existing release of the same version")
     storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: ...}")
-    wandb: bool = Field(default=False, description="also log the release as a wandb artifact (tracking.wandb_mode)")
+    wandb: StrictBool = Field(default=False, description="also log the release as a wandb artifact (tracking.wandb_mode)")
+    license: str = Field(default="apache-2.0", description="the model card's licence (a Hub licence id); Wan2.2's "
+                         "weights, and so what is trained from them, are Apache-2.0")
+    base_model: str | None = Field(default=None, description="the card's base_model (a Hub repo id); None: "
+                                   "Wan-AI/Wan2.2-TI2V-5B when the DiT has its sizes, else none")
+
+    _check_credentials = field_validator("url", "storage_options")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "PublishConfig":
@@ -509,7 +552,7 @@ class QuantConfig(_Strict):
     and norms are not linears, so they always stay as they are.
     """
 
-    qat: bool = Field(default=False, description="train (train_ar, DMD) with NVFP4 fake quantization of weights "
+    qat: StrictBool = Field(default=False, description="train (train_ar, DMD) with NVFP4 fake quantization of weights "
                       "and activations (straight-through gradients)")
     backend: Literal["auto", "emulated", "triton", "native", "transformer_engine"] = Field(
         default="auto", description="NVFP4 linears at inference: auto = native on compute capability >= 10, "
@@ -517,10 +560,10 @@ class QuantConfig(_Strict):
     keep_high_precision: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_HIGH_PRECISION))
     scale_rule: Literal["six", "four_over_six"] = Field(
         default="six", description="block scaling of weights and activations: plain NVFP4 or adaptive 4-over-6")
-    weight_block_2d: bool = Field(default=False, description="16x16 weight blocks (W and W^T quantize alike)")
+    weight_block_2d: StrictBool = Field(default=False, description="16x16 weight blocks (W and W^T quantize alike)")
     kv_cache: Literal["dense", "nvfp4"] = Field(
         default="dense", description="streaming KV cache storage: the model's dtype, or NVFP4 along head_dim")
-    quality_prompts: int = Field(default=24, ge=1, description="held-out prompts the quantize stage scores "
+    quality_prompts: StrictInt = Field(default=24, ge=1, description="held-out prompts the quantize stage scores "
                                  "bf16 against NVFP4 on")
 
 
@@ -533,7 +576,7 @@ class EvalVariantConfig(_Strict):
 
     checkpoint: str = Field(min_length=1, description="a train_ar/train_dmd export (dit/ + ar_config.json) or a DiT directory")
     kind: Literal["t2v", "i2v"] = Field(description="i2v: every video starts from a held-out clip's first frame")
-    denoising_steps: list[int] | None = Field(
+    denoising_steps: list[StrictInt] | None = Field(
         default=None, description="None: the export's ar_config.json (else inference.denoising_steps)")
     quant: Literal["none", "nvfp4"] = Field(
         default="none", description="nvfp4: convert a high-precision export's linears at load (quant: settings); "
@@ -556,9 +599,9 @@ class EvalSpeedConfig(_Strict):
     ``warmup`` unmeasured runs; FPS and first-chunk latency are the best of the runs (least disturbed by
     other load), the median is reported beside them."""
 
-    runs: int = Field(default=3, ge=1)
-    warmup: int = Field(default=1, ge=0)
-    length_factor: int = Field(default=4, ge=1)
+    runs: StrictInt = Field(default=3, ge=1)
+    warmup: StrictInt = Field(default=1, ge=0)
+    length_factor: StrictInt = Field(default=4, ge=1)
 
 
 # VBench dimensions that score custom videos (longlive.eval.vbench knows their weight files; a test keeps
@@ -583,7 +626,7 @@ class EvalVBenchConfig(_Strict):
     dimensions: list[str] = Field(default_factory=lambda: ["temporal_flickering"])
     weights: str | None = None
     python: str | None = None
-    num_videos: int = Field(default=8, ge=1)
+    num_videos: StrictInt = Field(default=8, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "EvalVBenchConfig":
@@ -604,13 +647,13 @@ class EvaluateConfig(_Strict):
     prompt set, long-video drift, VBench and sample videos for every variant."""
 
     variants: dict[str, EvalVariantConfig] = Field(default_factory=dict)
-    num_prompts: int = Field(default=32, ge=2, description="single-prompt T2V/I2V videos (the score's sem needs >= 2)")
-    num_multishot: int = Field(default=16, ge=1, description="two-shot videos")
-    num_drift: int = Field(default=2, ge=1, description="long videos per drift setting (prompt schedule, single prompt)")
-    length_factor: int = Field(default=8, ge=2, description="drift video length in training clips")
-    samples: int = Field(default=1, ge=0, description="sample mp4s per evaluation and variant")
-    seed: int = 0
-    threads: int | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
+    num_prompts: StrictInt = Field(default=32, ge=2, description="single-prompt T2V/I2V videos (the score's sem needs >= 2)")
+    num_multishot: StrictInt = Field(default=16, ge=1, description="two-shot videos")
+    num_drift: StrictInt = Field(default=2, ge=1, description="long videos per drift setting (prompt schedule, single prompt)")
+    length_factor: StrictInt = Field(default=8, ge=2, description="drift video length in training clips")
+    samples: StrictInt = Field(default=1, ge=0, description="sample mp4s per evaluation and variant")
+    seed: StrictInt = 0
+    threads: StrictInt | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
     speed: EvalSpeedConfig = EvalSpeedConfig()
     vbench: EvalVBenchConfig = EvalVBenchConfig()
 
@@ -624,11 +667,11 @@ class EvaluateConfig(_Strict):
 
 class Preset(_Strict):
     name: str
-    seed: int = 0
+    seed: StrictInt = 0
     # Fixed, not "all cores": a CPU float reduction is split by thread, so a different thread count gives
     # different bits, and a few hundred training steps amplify those into different models (CI's 2-thread
     # rerun of the tiny DAG scored up to 0.2 apart from a 1-thread run). None keeps torch's default.
-    cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op CPU threads for every stage")
+    cpu_threads: StrictInt | None = Field(default=None, ge=1, description="torch intra-op CPU threads for every stage")
     device: str = "auto"
     video: VideoConfig
     vae: VAEConfig
@@ -648,7 +691,7 @@ class Preset(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     light_decoder: LightDecoderConfig | None = None
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, hide_input_in_errors=True)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -721,7 +764,16 @@ def _format_error(err: ValidationError, prefix: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
         key = f"{prefix}.{loc}" if loc else prefix
-        lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})" if e["type"] != "missing" else f"{key}: missing")
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, SecretInParamsError):  # name the keys, never the values
+            lines.append(f"{', '.join('.'.join(filter(None, (key, k))) for k in cause.keys)}: {SECRET_FIX}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: missing")
+        else:
+            # a value under a credential-like key, or one holding a URL's user-info, is not echoed back
+            secret = any(is_secret_key(str(p)) for p in e["loc"])
+            shown = REDACTED if secret else redact(repr(redact_options(e.get("input"))))
+            lines.append(f"{key}: {e['msg']} (got {shown})")
     return "invalid configuration in params.yaml:\n  " + "\n  ".join(lines)
 
 

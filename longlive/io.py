@@ -26,7 +26,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             # A directory cannot be renamed over a non-empty one: swap the old one out first, and
             # put it back if the swap fails half-way.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
-            os.replace(path, old)
+            try:
+                os.replace(path, old)
+            except BaseException:  # e.g. EBUSY for a mount point or the cwd: leave no empty .old- folder behind
+                old.parent.rmdir()
+                raise
             try:
                 os.replace(tmp, path)
             except BaseException:
@@ -76,3 +80,32 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class UnsafeStateError(RuntimeError):
+    """A saved state holds Python objects beyond tensors and plain values, so it is not loaded."""
+
+
+def load_state(path: str | os.PathLike, *, remove: str | os.PathLike | None = None):
+    """``torch.load`` of resume state with ``weights_only=True``, onto the CPU.
+
+    Resume state sits in a work directory that anything on the machine (or a shared filesystem) may
+    write; a full unpickle of a planted file runs arbitrary code at the next ``train_*``. Only tensors,
+    containers and plain values load here; anything else raises a one-line :class:`UnsafeStateError`
+    naming the file (and ``remove``, what to delete to start over; default the file itself).
+    """
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global|Unsupported operand|Trying to [^:.\n]+)[^\n]*", str(e))
+        detail = found.group(0).strip().rstrip(".") if found else "not plain tensors and containers"
+        raise UnsafeStateError(
+            f"{path}: refused to load ({detail}): resume state may hold only tensors and plain values; it was "
+            f"written by an older version or planted, and nothing in it was run. Delete {remove or path} to start "
+            "this stage over"
+        ) from None

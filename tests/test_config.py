@@ -53,6 +53,12 @@ def test_default_preset_comes_from_the_file_and_env(tmp_path, monkeypatch):
         (lambda p: p.pop("dit"), "presets.tiny.dit", "missing"),
         (lambda p: p.update(dti={}), "presets.tiny.dti", "Extra inputs are not permitted"),
         (lambda p: p.update(cpu_threads=0), "presets.tiny.cpu_threads", "greater than or equal to 1"),
+        # strict types: YAML's true is not 1, nor 1 true, nor "3" a number
+        (lambda p: p["dit"].update(num_layers=True), "presets.tiny.dit.num_layers", "Input should be a valid integer"),
+        (lambda p: p["dit"].update(cross_attn_norm=1), "presets.tiny.dit.cross_attn_norm", "valid boolean"),
+        (lambda p: p["dit"].update(patch_size=[1, True, 2]), "presets.tiny.dit.patch_size.1", "valid integer"),
+        (lambda p: p["ar"]["train"].update(lr=True), "presets.tiny.ar.train.lr", "valid number"),
+        (lambda p: p["ar"]["train"].update(lr="1e-3"), "presets.tiny.ar.train.lr", "valid number"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, words):
@@ -60,6 +66,90 @@ def test_bad_values_name_the_key(tmp_path, mutate, key, words):
         load_preset(path=write_params(tmp_path, mutate))
     msg = str(e.value)
     assert key in msg and words in msg, msg
+
+
+def _lax_numbers(annotation, metadata=()) -> bool:
+    """Whether an annotation holds a plain int / float / bool, which pydantic's lax mode fills from True or "3"."""
+    from typing import Annotated, get_args, get_origin
+
+    from pydantic import Strict
+
+    if annotation in (int, float, bool):
+        return not any(isinstance(m, Strict) and m.strict for m in metadata)
+    if get_origin(annotation) is Annotated:
+        inner, *meta = get_args(annotation)
+        return _lax_numbers(inner, meta)
+    return any(_lax_numbers(a) for a in get_args(annotation))
+
+
+def test_every_config_field_has_strict_numbers():
+    # a new field written as `int` would take `true` as 1 again: the StrictInt / StrictFloat / StrictBool rule
+    import inspect
+
+    import pydantic
+
+    import longlive.config as config
+
+    lax = [f"{cls.__name__}.{name}" for cls in vars(config).values()
+           if inspect.isclass(cls) and issubclass(cls, pydantic.BaseModel) and cls.__module__ == config.__name__
+           for name, field in cls.model_fields.items() if _lax_numbers(field.annotation, field.metadata)]
+    # quantization's values are a smart union, where True stays a bool and 1 an int
+    assert lax == ["PublishCheckpoint.quantization"], lax
+
+
+def test_every_shipped_preset_loads_and_floats_take_yaml_ints(tmp_path):
+    for name in RAW["presets"]:
+        assert load_preset(name).name == name
+    preset = load_preset(path=write_params(tmp_path, lambda p: p["ar"]["train"].update(lr=1)))
+    assert preset.ar.train.lr == 1.0 and isinstance(preset.ar.train.lr, float)
+
+
+SECRET, KEY_ID = "S3cretCanary/42+xyz", "AKIDCANARY0042"
+
+
+@pytest.mark.parametrize("mutate, keys", [
+    (lambda p: p["publish"].update(storage_options={"key": KEY_ID, "secret": SECRET}),
+     ["presets.tiny.publish.storage_options.key", "presets.tiny.publish.storage_options.secret"]),
+    (lambda p: p["publish"].update(storage_options={"endpoint_url": f"http://{KEY_ID}:{SECRET}@minio:9000"}),
+     ["presets.tiny.publish.storage_options.endpoint_url"]),
+    (lambda p: p["publish"].update(storage_options={"client_kwargs": {"aws_session_token": SECRET}}),
+     ["presets.tiny.publish.storage_options.client_kwargs.aws_session_token"]),
+    (lambda p: p["publish"].update(url=f"https://{KEY_ID}:{SECRET}@example.com/releases"), ["presets.tiny.publish.url"]),
+    (lambda p: p["encode"].update(url=f"http://{KEY_ID}:{SECRET}@example.com/shards"), ["presets.tiny.encode.url"]),
+])
+def test_credentials_in_params_are_refused_naming_the_key_not_the_value(tmp_path, mutate, keys):
+    with pytest.raises(ConfigError) as e:
+        load_preset(path=write_params(tmp_path, mutate))
+    msg = str(e.value)
+    assert all(k in msg for k in keys) and "AWS_SECRET_ACCESS_KEY" in msg and "profile" in msg, msg
+    assert SECRET not in msg and KEY_ID not in msg and "S3cretCanary" not in msg, msg
+
+
+def test_a_profile_is_allowed_and_other_errors_do_not_echo_secrets(tmp_path):
+    preset = load_preset(path=write_params(tmp_path, lambda p: p["publish"].update(
+        storage_options={"profile": "releases", "endpoint_url": "http://127.0.0.1:9000"})))
+    assert preset.publish.storage_options["profile"] == "releases"
+
+    def misplaced(p):  # a credential where no key is allowed, and a URL where a mapping belongs
+        p["publish"]["secret_access_key"] = SECRET
+        p["encode"]["samples_per_shard"] = f"http://{KEY_ID}:{SECRET}@example.com"
+    with pytest.raises(ConfigError) as e:
+        load_preset(path=write_params(tmp_path, misplaced))
+    msg = str(e.value)
+    assert "presets.tiny.publish.secret_access_key" in msg and "presets.tiny.encode.samples_per_shard" in msg, msg
+    assert SECRET not in msg and KEY_ID not in msg, msg
+
+
+def test_cli_config_redacts_even_what_slipped_past_validation(monkeypatch, capsys):
+    import longlive.cli as cli
+
+    tiny = load_preset("tiny")
+    leaky = tiny.model_copy(update={"publish": tiny.publish.model_copy(update={  # model_copy skips validation
+        "storage_options": {"secret": SECRET, "endpoint_url": f"http://{KEY_ID}:{SECRET}@h"}})})
+    monkeypatch.setattr(cli, "load_preset", lambda *a: leaky)
+    assert cli.main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and KEY_ID not in out and '"secret": "***"' in out and "http://***@h" in out, out
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

@@ -8,11 +8,20 @@ reads and writes the same format. All ranks must see the same directory (a share
 
 The directory appears complete or not at all: everything goes to ``<name>.tmp`` first and the main
 rank swaps it in (:func:`longlive.io.atomic_dir` semantics) after every rank has finished writing.
+
+Loading never runs code from the directory: ``meta.pt`` loads with ``weights_only=True``; DCP itself
+unpickles its ``.metadata`` file with plain ``pickle`` and the non-tensor entries (optimizer
+hyperparameters) with ``torch.load(weights_only=False)``, so :func:`load` first unpickles ``.metadata``
+with an allowlist of DCP's own metadata classes, and its planner loads each non-tensor entry with
+``weights_only=True`` before DCP does. The residual risk is DCP reading files we do not check: a torch
+release that adds another pickled file or path to its reader would bypass these checks until added here.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -23,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from longlive.io import UnsafeStateError, load_state
 from longlive.parallel.mesh import ParallelState
 
 META_NAME = "meta.pt"
@@ -89,8 +101,65 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The ``meta`` a checkpoint was saved with, without touching its tensors (to check a fingerprint first)."""
-    return torch.load(Path(path) / META_NAME, map_location="cpu", weights_only=False)
+    """The ``meta`` a checkpoint was saved with, without touching its tensors (to check a fingerprint first).
+
+    Raises :class:`longlive.io.UnsafeStateError` (one line, nothing run) if it holds more than plain values."""
+    return load_state(Path(path) / META_NAME, remove=path)
+
+
+# What DCP's ``.metadata`` pickle may name: the classes DCP defines for it, and torch's value types.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # Names are checked before anything is imported; the resolved object again (a dotted name can reach far).
+        if (module, name) in _DCP_GLOBALS or module in (_DCP_METADATA_MODULE, "torch"):
+            obj = super().find_class(module, name)
+            if ((module, name) in _DCP_GLOBALS
+                    or (module == _DCP_METADATA_MODULE and isinstance(obj, type) and obj.__module__ == module)
+                    or (module == "torch" and isinstance(obj, torch.dtype))):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    for file in sorted(path.glob("*.metadata")):
+        try:
+            with open(file, "rb") as f:
+                _DCPMetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, AttributeError, ImportError, EOFError) as e:
+            raise UnsafeStateError(
+                f"{file}: refused to load ({e}): DCP metadata may hold only DCP's own types; it was written by "
+                f"another torch or planted, and nothing in it was run. Delete {path} to start this stage over"
+            ) from None
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, but each non-tensor entry must load with ``weights_only=True`` before DCP loads it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UnsafeStateError(
+                f"{self._path}: entry {read_item.dest_index.fqn} holds more than plain values and was not loaded; "
+                f"delete {self._path} to start this stage over"
+            ) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def load(
@@ -105,9 +174,16 @@ def load(
     path = Path(path)
     if not exists(path):
         raise FileNotFoundError(f"{path} is not a finished checkpoint (no {META_NAME})")
+    _check_dcp_metadata(path)
     sd = _state(model, optimizer, extra)
     with _quiet_single_process():
-        dcp.load(sd, checkpoint_id=path, no_dist=not _distributed())
+        try:
+            dcp.load(sd, checkpoint_id=path, planner=_SafeLoadPlanner(path), no_dist=not _distributed())
+        except CheckpointException as e:  # DCP wraps every rank's error in a page of tracebacks
+            unsafe = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeStateError)]
+            if unsafe:
+                raise unsafe[0] from None
+            raise
     set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=True))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optimizer"])

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longlive.config import TrackingConfig, TrainConfig
+from longlive.io import load_state
 from longlive.train.ema import EMA
 from longlive.train.tracking import NullTracker, Tracker, start_tracking
 
@@ -56,13 +57,6 @@ def lr_factor(step: int, total: int, warmup_frac: float = 0.05, floor: float = 0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for ``bf16``, and for ``auto`` on a CUDA device that has it; None (fp32) otherwise."""
     if precision not in ("auto", "bf16", "fp32"):
@@ -87,6 +81,19 @@ def atomic_torch_save(obj, path: Path) -> None:
 def _full(x: torch.Tensor) -> torch.Tensor:
     """A DTensor (a norm over FSDP-sharded gradients) as a plain tensor; others unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def clip_grad_norms(groups: list[dict], max_norm: float, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip each group's gradients to ``max_norm``; returns ``({name: norm}, total norm)``, every norm on ``device``.
+
+    A group without gradients this step (DMD's generator on a critic-only step) has norm 0: clip_grad_norm_
+    would return a CPU scalar for it, which cannot be stacked with the CUDA norms of the other groups."""
+    norms = {}
+    for g in groups:
+        params = [p for p in g["params"] if p.grad is not None]
+        norms[g["name"]] = (_full(torch.nn.utils.clip_grad_norm_(params, max_norm)).to(device) if params
+                            else torch.zeros((), device=device))
+    return norms, torch.stack(list(norms.values())).norm()
 
 
 def _any_rank(flag: bool, parallel) -> bool:
@@ -157,6 +164,10 @@ def run_training(
         raise TrainingError(f"{name}: the model has no trainable parameters")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise TrainingError(f"{name}: the trainable parameters sit on {sorted(map(str, devices))}; move the whole "
+                            "model to one device (the preset's, longlive.device.resolve_device) before training")
     device = params[0].device
     amp_dtype = autocast_dtype(precision, device)
     groups = [{"name": "model", "params": params}] if param_groups is None else [
@@ -197,7 +208,7 @@ def run_training(
                     log.warning("%s: %s was written with other settings or data; starting over", name, ckpt_path)
                 parallel.barrier()
     elif ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_state(ckpt_path)  # weights_only: a planted checkpoint.pt must not run code
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -249,8 +260,7 @@ def run_training(
                 loss_sum += loss.item()
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            norms = {g["name"]: _full(torch.nn.utils.clip_grad_norm_(g["params"], grad_clip)) for g in groups}
-            grad_norm = torch.stack(list(norms.values())).norm()
+            norms, grad_norm = clip_grad_norms(groups, grad_clip, device)
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
