@@ -1,8 +1,10 @@
 """`publish`: build a versioned release (checkpoints, preset, metrics, model card, git commit, dvc.lock,
 SHA-256 manifest) and upload it atomically to ``publish.url`` (a local folder or ``s3://``).
 
-A rerun whose release is byte-identical to the one already published under the same version is a
-no-op; a different release under an existing version is refused unless ``publish.force``.
+Releases are content-addressed: a rerun whose payload (weights, base models, preset, metrics) the
+store already holds under a version of ``publish.version``'s template is a no-op naming that release
+(and finishes a publish that died before ``latest.json``); a different release under an existing
+version is refused unless ``publish.force``.
 """
 
 import sys
@@ -18,7 +20,7 @@ OUT = Path("reports/publish")
 def main() -> None:
     preset = setup("publish")
     try:
-        result = publish_from_config(preset, work_dir=Path(".work/publish"), exist_ok=True)
+        result = publish_from_config(preset, work_dir=Path(".work/publish"))
     except (ReleaseError, StorageError) as e:
         sys.exit(f"publish: {e}")
     write_json(OUT / "release.json", result.summary())

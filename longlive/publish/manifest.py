@@ -2,8 +2,10 @@
 
 ``manifest.json`` sits at the top of the release and lists every other file by its relative POSIX
 path. It is written last (when a folder is built and when a release is uploaded), so its presence
-is what makes a release complete. Paths are checked before use: a manifest naming ``../x`` or an
-absolute path is refused rather than followed outside the destination.
+is what makes a release complete. A manifest is untrusted input (anyone who can write to the store
+can plant one): every path, entry and count is checked before use, and anything hostile (``../x``,
+an absolute path, a NUL byte, an over-long name, a file and a directory of one name) is refused
+with one :class:`ReleaseError` rather than followed outside the destination.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ FORMAT = "longlive-release/1"
 CHUNK = 8 << 20  # hashing/copy chunk: large enough for throughput, small enough for memory
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED = {"latest", "latest.json"}
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_MAX = 255  # bytes in one path component: the limit of ext4, xfs, APFS and S3-mounted tools alike
+PATH_MAX = 1024  # bytes in a whole relative path (S3 keys stop at 1024 too)
+# Files that describe a release rather than being part of it: they name the version, the store URL
+# and the run (commit, dirty flag, dvc.lock), so two publishes of the same model differ in them.
+# content_id leaves them out; everything else (weights, base models, preset, metrics) is the payload.
+DESCRIPTIVE = ("release.json", "README.md", "provenance/")
 
 
 class ReleaseError(RuntimeError):
@@ -29,6 +38,10 @@ class ReleaseError(RuntimeError):
 
 class ReleaseExistsError(ReleaseError):
     """The version is already published (and ``force`` was not given)."""
+
+
+class PublishConflictError(ReleaseExistsError):
+    """Another publish of the same version holds its lock (or finished first with other content)."""
 
 
 class ChecksumError(ReleaseError):
@@ -49,12 +62,45 @@ def check_version(version: str) -> str:
 
 
 def check_relpath(rel: str) -> str:
-    """A manifest path must stay inside the release: relative, POSIX, no '..', no empty parts."""
-    p = PurePosixPath(rel)
-    bad_part = any(part in ("", ".", "..") for part in rel.split("/"))
-    if not rel or rel.startswith("/") or "\\" in rel or p.is_absolute() or bad_part:
-        raise ReleaseError(f"manifest path {rel!r} is not a plain relative path inside the release; refusing it")
+    """A manifest path must stay inside the release and be writable on any disk: relative, POSIX, no
+    '..' or empty parts, no NUL or other control character, no drive letter, components of at most
+    255 bytes."""
+    if not isinstance(rel, str):
+        raise ReleaseError(f"manifest path {rel!r} is not a string; refusing it")
+    parts = rel.split("/")
+    why = None
+    if not rel or rel.startswith("/") or PurePosixPath(rel).is_absolute() or re.match(r"^[A-Za-z]:", rel):
+        why = "it is absolute"
+    elif "\\" in rel:
+        why = "it holds a backslash"
+    elif any(part in ("", ".", "..") for part in parts):
+        why = "it has an empty, '.' or '..' part"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        why = "it holds a NUL or another control character"
+    elif any(len(part.encode()) > NAME_MAX for part in parts):
+        why = f"a part is longer than {NAME_MAX} bytes"
+    elif len(rel.encode()) > PATH_MAX:
+        why = f"it is longer than {PATH_MAX} bytes"
+    if why:
+        shown = rel if len(rel) <= 80 else f"{rel[:60]}...({len(rel)} chars)"
+        raise ReleaseError(f"manifest path {shown!r} is not a plain relative path inside the release ({why}); "
+                           "refusing it")
     return rel
+
+
+def check_tree(paths) -> None:
+    """Refuse a set of paths that no folder can hold: a file that is also another entry's directory
+    (``a`` and ``a/b``), or the manifest listing itself."""
+    files = set(paths)
+    if MANIFEST in files:
+        raise ReleaseError(f"the manifest lists {MANIFEST} itself; refusing it")
+    for rel in files:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise ReleaseError(f"the manifest lists {parent!r} as a file and as the directory of {rel!r}; "
+                                   "refusing it")
 
 
 class Hasher:
@@ -104,7 +150,8 @@ def build_manifest(folder: str | os.PathLike, version: str) -> dict:
     return {
         "format": FORMAT,
         "version": check_version(version),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # microseconds: store.py orders releases by it to tell whether latest.json fell behind
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "num_files": len(files),
         "total_bytes": sum(e["bytes"] for e in files.values()),
         "files": files,
@@ -133,12 +180,48 @@ def parse_manifest(data: bytes, where: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise ReleaseError(f"{where} is not a {FORMAT} manifest (format={fmt!r}); the release is damaged: republish it")
-    check_version(str(manifest.get("version", "")))
-    for rel, entry in manifest["files"].items():
-        check_relpath(rel)
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
-            raise ReleaseError(f"{where}: entry for {rel!r} needs sha256 and bytes")
+    if not isinstance(manifest.get("version"), str):
+        raise ReleaseError(f"{where}: version {manifest.get('version')!r} is not a string; the release is damaged: "
+                           "republish it")
+    check_version(manifest["version"])
+    try:
+        for rel, entry in manifest["files"].items():
+            check_relpath(rel)
+            ok = (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and SHA256_RE.match(entry["sha256"])
+                  and type(entry.get("bytes")) is int and entry["bytes"] >= 0)
+            if not ok:
+                raise ReleaseError(f"entry for {rel[:80]!r} needs a sha256 (64 hex digits) and a byte count (an "
+                                   "integer >= 0)")
+        check_tree(manifest["files"])
+        files = manifest["files"].values()
+        if manifest.get("num_files") != len(files) or manifest.get("total_bytes") != sum(e["bytes"] for e in files):
+            raise ReleaseError(f"num_files/total_bytes ({manifest.get('num_files')!r}/{manifest.get('total_bytes')!r}) "
+                               "do not match its files")
+    except ReleaseError as e:
+        raise ReleaseError(f"{where}: {e}; the release is damaged or hostile: republish it") from None
     return manifest
+
+
+def parse_latest(data: bytes, where: str) -> dict:
+    """Decode and check ``latest.json``: ``{version, manifest_sha256, ...}``."""
+    try:
+        latest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        latest, why = None, f"not valid JSON: {e}"
+    else:
+        why = None
+    if why is None and not isinstance(latest, dict):
+        why = f"a JSON {type(latest).__name__}, not an object"
+    elif why is None and not (isinstance(latest.get("version"), str) and VERSION_RE.match(latest["version"])
+                              and latest["version"] not in RESERVED):
+        why = f"version {str(latest.get('version'))[:80]!r} is not a release version"
+    elif why is None and not (isinstance(latest.get("manifest_sha256"), str)
+                              and SHA256_RE.match(latest["manifest_sha256"])):
+        why = "manifest_sha256 is not 64 hex digits"
+    if why:
+        raise ReleaseError(f"{where} is not a valid latest pointer ({why}); pass --version, or republish the latest "
+                           "release to rewrite it")
+    return latest
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -148,10 +231,19 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return parse_manifest(path.read_bytes(), str(path))
 
 
+def is_payload(rel: str) -> bool:
+    return not any(rel == d or (d.endswith("/") and rel.startswith(d)) for d in DESCRIPTIVE)
+
+
 def content_id(manifest: dict) -> str:
-    """One digest of all files (paths and SHA-256): equal ids mean byte-identical releases."""
+    """One digest of the payload files (paths and SHA-256; :data:`DESCRIPTIVE` files left out): equal ids
+    mean the same model, base models, preset and metrics, whatever the version, date or commit.
+
+    Releases are addressed by it: publishing a payload the store already holds is a no-op naming that
+    release (store.py, run.py), so rerunning an unchanged pipeline does not mint ``-v2``, ``-v3``.
+    """
     h = hashlib.sha256()
-    for rel in sorted(manifest["files"]):
+    for rel in sorted(filter(is_payload, manifest["files"])):
         h.update(f"{rel}\0{manifest['files'][rel]['sha256']}\n".encode())
     return h.hexdigest()
 

@@ -13,18 +13,36 @@ from pathlib import Path
 
 from longlive.config import Preset, PublishConfig
 from longlive.publish.build import build_release
-from longlive.publish.manifest import ReleaseError, check_version
+from longlive.publish.manifest import ReleaseError, check_version, content_id
 from longlive.publish.provenance import git_info
 from longlive.publish.store import PublishResult, ReleaseStore
 
 log = logging.getLogger(__name__)
 
 VERSION_FIELDS = ("preset", "n", "date", "commit")
+# What each field can have filled in, to recognise every release a template has named.
+FIELD_PATTERNS = {"n": r"\d+", "date": r"\d{8}", "commit": r"[0-9a-f]{8}|nogit"}
 
 
-def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: str | os.PathLike = ".") -> str:
+def _family(template: str, preset: str) -> re.Pattern:
+    """The versions ``template`` names for ``preset`` on any date, commit or n."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(re.escape(literal))
+        if name is not None:
+            out.append(re.escape(preset) if name == "preset" else f"(?:{FIELD_PATTERNS[name]})")
+    return re.compile("".join(out))
+
+
+def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: str | os.PathLike = ".",
+                    content: str | None = None) -> str:
     """Fill ``{preset}``, ``{date}`` (UTC YYYYMMDD), ``{commit}`` (8 hex, ``nogit`` outside git) and ``{n}``
-    (1 + the highest n among *visible* releases of this template, so a failed publish's retry reuses it)."""
+    (1 + the highest n among *visible* releases of this template, so a failed publish's retry reuses it).
+
+    With ``content`` (a :func:`~longlive.publish.manifest.content_id`), a visible release this template
+    named (any date, commit or n) that holds the same payload is returned first: an unchanged model
+    keeps its version, however often the pipeline reruns (and a publish that died before ``latest.json``
+    is finished under its own name, not published again as the next n)."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
@@ -33,6 +51,11 @@ def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: st
     if unknown:
         allowed = ", ".join("{" + f + "}" for f in VERSION_FIELDS)
         raise ReleaseError(f"publish.version {template!r} uses {unknown}; allowed: {allowed}")
+    if content is not None:
+        family = _family(template, preset.name)
+        same = store.find_identical(content, [v for v in store.versions() if family.fullmatch(v)])
+        if same is not None:
+            return same
     values = {"preset": preset.name, "date": datetime.now(timezone.utc).strftime("%Y%m%d")}
     if "commit" in fields:
         values["commit"] = git_info(repo)["short"] or "nogit"
@@ -80,19 +103,31 @@ def publish_from_config(
     work_dir: str | os.PathLike = ".work/publish",
     repo: str | os.PathLike = ".",
     force: bool | None = None,
-    exist_ok: bool = False,
+    exist_ok: bool = True,
     progress: bool = True,
 ) -> PublishResult:
     """Build the release ``cfg`` (default ``preset.publish``) describes under ``work_dir`` and publish it to
-    ``cfg.url``. ``version`` overrides ``cfg.version``; ``force`` overrides ``cfg.force``."""
+    ``cfg.url``. ``version`` overrides ``cfg.version``; ``force`` overrides ``cfg.force``.
+
+    Under a version template, content the store already holds under a version of that template is not
+    published again: the result names that release (``uploaded`` False). An explicit ``version`` is
+    published as asked (a no-op if it already holds this content; ``exist_ok=False`` refuses that)."""
     cfg = cfg or preset.publish
     store = ReleaseStore(cfg.url, cfg.storage_options)  # opened first: a dead endpoint fails before the build
+    templated = not version
     version = check_version(version) if version else resolve_version(cfg.version, store, preset, repo)
     folder = Path(work_dir) / version
-    build_release(folder, version=version, preset=preset, cfg=cfg, repo=repo, url=cfg.url)
-    result = store.publish(folder, force=cfg.force if force is None else force, exist_ok=exist_ok,
-                           set_latest=cfg.latest, progress=progress)
-    if cfg.wandb:
+    manifest = build_release(folder, version=version, preset=preset, cfg=cfg, repo=repo, url=cfg.url)
+    # The payload does not depend on the version name, so the folder built under the next free name
+    # tells whether an earlier release of this template already holds it.
+    same = resolve_version(cfg.version, store, preset, repo, content=content_id(manifest)) if templated else version
+    if same != version:
+        log.info("%s already holds this content as %s; not publishing it again as %s", store.url, same, version)
+        result = store.reuse(same, set_latest=cfg.latest)
+    else:
+        result = store.publish(folder, force=cfg.force if force is None else force, exist_ok=exist_ok,
+                               set_latest=cfg.latest, progress=progress)
+    if cfg.wandb and result.uploaded:  # a no-op publish adds no artifact version
         log_wandb_artifact(folder, result, preset, Path(work_dir))
     shutil.rmtree(folder)  # the store holds it now; a failed publish keeps the folder for inspection
     return result
