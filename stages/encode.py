@@ -3,21 +3,25 @@
 The shards go to ``encode.url``; ``data/encoded/`` (the DVC output) holds the manifest and, for a
 local url inside it, the shards themselves. The stage is restartable: DVC keeps the folder
 (``persist``) and the shard writer skips what a killed run already finished, unless the inputs
-changed, in which case the old shards are dropped first.
+changed: the fingerprint of the inputs is stored with the shards, and a writer given another one
+deletes the previous run's shards by the names its records list. Nothing else at the url is ever
+deleted, so ``encode.url`` may be a shared folder or a bucket root.
 """
 
 import hashlib
-import json
 import logging
-import shutil
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from longlive.data.encode import encode_dataset
-from longlive.data.shards import open_fs
+from longlive.data.shards import ShardError, open_fs
+from longlive.device import resolve_device
 from longlive.models.text import load_text_encoder
 from longlive.models.vae import WanVAE
+from longlive.secrets import redact_url
 from stages._common import setup, write_json
 
 SYNTH, BASE, OUT = Path("data/synth"), Path("models/base"), Path("data/encoded")
@@ -35,19 +39,12 @@ def inputs_fingerprint(preset) -> str:
 def main() -> None:
     preset = setup("encode")
     url = preset.encode.url
-    stamp = OUT / "_inputs.json"
     fingerprint = inputs_fingerprint(preset)
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-        log.info("inputs changed since the last encode: dropping old shards at %s", url)
-        fs, root = open_fs(url)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        shutil.rmtree(OUT, ignore_errors=True)
-    write_json(stamp, {"fingerprint": fingerprint, "url": url})
 
-    vae = WanVAE.from_pretrained(BASE / "vae").eval()
+    device = resolve_device(preset.device)  # the VAE moves each CPU batch to its device
+    vae = WanVAE.from_pretrained(BASE / "vae", device=device).eval()
     text_path = preset.text.path if preset.text.kind == "umt5" else BASE / "text"
-    text = load_text_encoder(preset.text, text_path)
+    text = load_text_encoder(preset.text, text_path, device=device).to(device)  # device=: UMT5 loads straight there
 
     @torch.no_grad()
     def encode_video(video: torch.Tensor) -> torch.Tensor:
@@ -57,10 +54,18 @@ def main() -> None:
     def encode_text(captions: list[str]) -> torch.Tensor:
         return text.encode(captions)[0]
 
-    stats = encode_dataset(SYNTH, url, encode_video=encode_video, encode_text=encode_text,
-                           samples_per_shard=preset.encode.samples_per_shard)
+    try:
+        stats = encode_dataset(SYNTH, url, encode_video=encode_video, encode_text=encode_text,
+                               samples_per_shard=preset.encode.samples_per_shard, fingerprint=fingerprint)
+    except ShardError as e:  # a url holding files encode did not write, or unreachable: one line naming the fix
+        sys.exit(f"encode: {e}")
     fs, root = open_fs(url)
-    (OUT / "manifest.json").write_bytes(fs.cat_file(f"{root.rstrip('/')}/manifest.json"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    local = OUT / "manifest.json"
+    tmp = local.with_name(local.name + ".tmp")
+    tmp.write_bytes(fs.cat_file(f"{root.rstrip('/')}/manifest.json"))
+    os.replace(tmp, local)
+    write_json(OUT / "_inputs.json", {"fingerprint": fingerprint, "url": redact_url(url)})
     write_json("reports/encode/metrics.json", stats)
 
 

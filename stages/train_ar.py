@@ -4,9 +4,11 @@
 import sys
 from pathlib import Path
 
+from longlive.data.shards import ShardError
 from longlive.parallel import parallel_session
 from longlive.train.ar import train_ar
 from stages._common import setup, write_json
+from stages.validate import REPORT as VALIDATION_REPORT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,16 +20,20 @@ def main(argv: list[str] | None = None) -> None:
     variant = args[0]
     # One process, or one of parallel.nproc x nnodes under torchrun (python -m longlive.parallel.launch).
     with parallel_session(preset.parallel, device=preset.device) as parallel:
-        result = train_ar(
-            preset,
-            variant,
-            shards_url=preset.encode.url,
-            base_dir=Path("models/base"),
-            out_dir=Path("models/ar") / variant,
-            work_dir=Path(".work/train_ar") / variant,  # resume state for an interrupted run; outside DVC's outs
-            plots_dir=Path("reports/train_ar") / variant,
-            parallel=parallel,
-        )
+        try:
+            result = train_ar(
+                preset,
+                variant,
+                shards_url=preset.encode.url,
+                validation_report=VALIDATION_REPORT,  # refuses shards validate did not pass
+                base_dir=Path("models/base"),
+                out_dir=Path("models/ar") / variant,
+                work_dir=Path(".work/train_ar") / variant,  # resume state for an interrupted run; outside DVC's outs
+                plots_dir=Path("reports/train_ar") / variant,
+                parallel=parallel,
+            )
+        except ShardError as e:  # not validated, or damaged: one line naming the fix
+            sys.exit(f"train_ar: {e}")
         if parallel.is_main:
             write_json(Path("reports/train_ar") / variant / "metrics.json", result.metrics)
 

@@ -5,8 +5,10 @@ pair. ``--qat``: the NVFP4 QAT fine-tune of that student (``models/dmd/VARIANT-S
 import sys
 from pathlib import Path
 
+from longlive.data.shards import ShardError
 from longlive.train.dmd import train_dmd
 from stages._common import setup, write_json
+from stages.validate import REPORT as VALIDATION_REPORT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,15 +24,19 @@ def main(argv: list[str] | None = None) -> None:
                  f"(dmd.variants) and STUDENT in {students} (dmd.{'qat_students' if qat else 'students'})")
     variant, student = args
     name = f"{variant}-{student}" + ("-qat" if qat else "")
-    metrics = train_dmd(
-        preset, variant, student,
-        ar_dir=Path("models/ar") / variant,
-        base_dir=Path("models/base"),
-        out_dir=Path("models/dmd") / name,
-        work_dir=Path(".work/train_dmd") / name,  # resume state for an interrupted run; outside DVC's outs
-        plots_dir=Path("reports/train_dmd") / name,
-        qat_from=Path("models/dmd") / f"{variant}-{student}" if qat else None,
-    )
+    try:
+        metrics = train_dmd(
+            preset, variant, student,
+            ar_dir=Path("models/ar") / variant,
+            base_dir=Path("models/base"),
+            validation_report=VALIDATION_REPORT,  # the data term refuses shards validate did not pass
+            out_dir=Path("models/dmd") / name,
+            work_dir=Path(".work/train_dmd") / name,  # resume state for an interrupted run; outside DVC's outs
+            plots_dir=Path("reports/train_dmd") / name,
+            qat_from=Path("models/dmd") / f"{variant}-{student}" if qat else None,
+        )
+    except ShardError as e:  # not validated, or damaged: one line naming the fix
+        sys.exit(f"train_dmd: {e}")
     write_json(Path("reports/train_dmd") / name / "metrics.json", metrics)
 
 

@@ -92,6 +92,16 @@ def make_fake_encoders(preset: Preset) -> tuple[Callable, Callable]:
     return encode_video, encode_text
 
 
+def validate_into(url: str, preset: Preset, out_dir) -> str:
+    """Run the real validation over the shards at ``url`` and write its report under ``out_dir``; return the
+    ``report.json`` path, the record training requires (``validation_report=``) before it reads a shard."""
+    from longlive.data.validate import expected_from_preset, validate_shards
+
+    report = validate_shards(url, expected_from_preset(preset), preset.validate_)
+    assert report.success, report.to_markdown()
+    return str(report.write(out_dir)[0])
+
+
 @pytest.fixture(scope="session")
 def fake_encoders(tiny_preset):
     return make_fake_encoders(tiny_preset)

@@ -138,8 +138,10 @@ def test_interrupted_encode_resumes_to_the_same_result(where, synth_dir, fake_en
     assert not fs.exists(f"{root}/manifest.json")
     progress = json.loads(fs.cat_file(f"{root}/_progress.json"))
     assert [s["name"] for s in progress["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
-    # Debris of a harder kill: a half-written shard in _tmp/ and a moved but unrecorded shard.
-    fs.pipe_file(f"{root}/_tmp/shard-000002.tar.deadbeef", b"half a tar")
+    # Debris of a harder kill: a half-written shard in _tmp/ (named by the killed run's recorded id) and a
+    # shard moved into place but not yet recorded (under the recorded pending name).
+    assert progress["pending"] == "shard-000002.tar"
+    fs.pipe_file(f"{root}/_tmp/shard-000002.tar.{progress['run']}", b"half a tar")
     fs.pipe_file(f"{root}/shard-000002.tar", b"not recorded")
 
     again = _encode(synth_dir, url, fake_encoders, **kw)

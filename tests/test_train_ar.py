@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _project import make_project, run
+from conftest import validate_into
 from longlive.config import DiTConfig
 from longlive.data.encode import encode_dataset
 from longlive.models.dit import WanDiT
@@ -135,8 +136,13 @@ def shards(synth_dir, fake_encoders, tmp_path_factory):
     return url
 
 
-def test_shard_clips_follow_shot_starts_and_stream(shards):
-    data = ShardClips(shards)
+@pytest.fixture(scope="module")
+def record(shards, tiny_preset, tmp_path_factory):
+    return validate_into(shards, tiny_preset, tmp_path_factory.mktemp("ar_validate"))
+
+
+def test_shard_clips_follow_shot_starts_and_stream(shards, record):
+    data = ShardClips(shards, validation_report=record)
     multi = [c for c in data._all if len(c.shot_starts) > 1]
     assert multi, "the synthetic set has multi-shot clips"
     _, _, index = collate(multi)
@@ -144,15 +150,15 @@ def test_shard_clips_follow_shot_starts_and_stream(shards):
     for clip, row in zip(multi, index):
         k = clip.shot_starts[1]
         assert 0 < k < frames and row.tolist() == [0] * k + [1] * (frames - k)
-    stream = ShardClips(shards, shards_in_memory=1)
+    stream = ShardClips(shards, shards_in_memory=1, validation_report=record)
     assert stream.streaming and len(stream) == len(data) == 12
     keys = lambda d: [c.key for c in d.sample(4, torch.Generator().manual_seed(5))]  # noqa: E731
-    assert keys(stream) == keys(ShardClips(shards, shards_in_memory=1)), "a batch is a function of the generator"
+    assert keys(stream) == keys(ShardClips(shards, shards_in_memory=1, validation_report=record)), "a batch is a function of the generator"
     assert any(set(keys(stream)) <= set(e["keys"]) for e in stream.entries), "a streamed batch comes from one shard"
     assert len(stream._cache) == 1
 
 
-def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, tmp_path, monkeypatch):
+def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, record, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     preset = tiny_preset.model_copy(update={"ar": tiny_preset.ar.model_copy(update={
         "train": tiny_preset.ar.train.model_copy(update={"steps": 40, "batch_size": 4, "lr": 2e-3, "log_every": 1}),
@@ -164,7 +170,8 @@ def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, tmp_path,
     save_dit(base, tmp_path / "base" / "dit")
     null = torch.zeros(preset.text.max_tokens, preset.text.dim)
     result = train_ar(preset, "i2v", shards_url=shards, base_dir=tmp_path / "base", out_dir=tmp_path / "out",
-                      work_dir=tmp_path / "work", plots_dir=tmp_path / "plots", null_context=null)
+                      work_dir=tmp_path / "work", plots_dir=tmp_path / "plots", null_context=null,
+                      validation_report=record)
 
     losses = [r["loss"] for r in json.loads((tmp_path / "plots" / "loss.json").read_text())]
     assert len(losses) == 40

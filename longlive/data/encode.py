@@ -42,19 +42,24 @@ def encode_dataset(
     storage_options: dict | None = None,
     latent_dtype: str = "float16",
     resume: bool = True,
+    fingerprint: str | None = None,
 ) -> dict:
     """Encode every clip of ``videos_dir`` into shards at ``url``; return stats.
 
     ``encode_video``: float (B, 3, T, H, W) in [-1, 1] -> latents (B, C, F, h, w).
     ``encode_text``: list of N captions -> embeddings (N, L, D); called once per batch with every
     shot caption of the batch, and split back per clip.
+    ``fingerprint`` (of the inputs, e.g. clips + encoder weights + settings) is stored with the shards: a
+    run given another one removes the previous run's shards (by name, see :class:`ShardWriter`) instead of
+    resuming from them.
     Returns ``{"samples", "encoded", "skipped", "shards"}`` (numbers only: DVC metrics): samples in the finished dataset,
     encoded by this run, skipped because an earlier run had stored them, and shard count.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = read_index(videos_dir)
-    with ShardWriter(url, samples_per_shard, resume=resume, storage_options=storage_options) as writer:
+    with ShardWriter(url, samples_per_shard, resume=resume, storage_options=storage_options,
+                     fingerprint=fingerprint) as writer:
         done = writer.done_keys
         todo = [r for r in rows if r["key"] not in done]
         skipped = len(rows) - len(todo)

@@ -3,7 +3,9 @@
 Layout under ``url``::
 
     shard-000000.tar ...   webdataset tars; members {key}.latents.npy, {key}.text.npy, {key}.json
-    _progress.json         completed shards so far (rewritten atomically after each shard)
+    _progress.json         completed shards so far (rewritten atomically after each shard),
+                           ``pending``, the name the next shard will take, and ``run``, the writer's
+                           run id that ends its temporary names
     _tmp/                  the shard being written (discarded by the next writer)
     manifest.json          written LAST by ShardWriter.close(): its presence with complete=true
                            is what makes the dataset usable
@@ -11,6 +13,14 @@ Layout under ``url``::
 A shard is written under ``_tmp/`` and moved into place (an S3 server-side copy) only once it is
 complete, then recorded in ``_progress.json``. A resumed writer trusts only what the progress file
 records, so a shard from a killed run is either fully recorded or rewritten, never duplicated.
+
+The url may be shared with other files (a bucket root, a project folder). A writer deletes only
+what it can prove it wrote: the shards its previous progress file or manifest lists, the
+``pending`` name (a shard moved into place by a run killed before recording it), and the
+temporary names of the run its progress file names. Anything else is left alone. A shard-named file
+that no record lists stops the writer (the dataset would hold a shard no manifest vouches for), and so
+does a ``manifest.json`` or ``_progress.json`` that this module did not write (it would be overwritten).
+With no record of its own at the url, a writer deletes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -32,14 +43,22 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from longlive.secrets import redact, redact_url
+
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
 TMP_DIR = "_tmp"
 FORMAT = "longlive-shards/1"
 ARRAY_FIELDS = ("latents.npy", "text.npy")
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+# A writer's temporary names end in its run id (8 hex digits), recorded in _progress.json before the first of
+# them exists: a later writer deletes such a name only if a record names that run.
+TMP_SHARD_RE = re.compile(r"^shard-\d{6}\.tar\.(?P<run>[0-9a-f]{8})$")  # a shard being written, under _tmp/
+ATOMIC_TMP_RE = re.compile(r"^(manifest|_progress)\.json\.tmp-(?P<run>[0-9a-f]{8})$")  # _atomic_write's
+RUN_RE = re.compile(r"^[0-9a-f]{8}$")
 ENDPOINT_ENVS = ("LONGLIVE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 TAR_MTIME = 0  # fixed member mtime: the same samples give byte-identical shards (and sha256)
+log = logging.getLogger(__name__)
 
 
 class ShardError(RuntimeError):
@@ -89,7 +108,8 @@ def _s3_options(storage_options: dict | None) -> dict:
 
 
 def _describe_endpoint(fs: Any) -> str:
-    return getattr(fs, "endpoint_url", None) or "the default AWS endpoint"
+    endpoint = getattr(fs, "endpoint_url", None)
+    return redact_url(endpoint) if endpoint else "the default AWS endpoint"
 
 
 def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -122,23 +142,30 @@ def _probe_s3(fs: Any, root: str) -> None:
         ) from None
     except PermissionError as e:
         raise StorageError(
-            f"access to S3 bucket {bucket!r} at {endpoint} was denied ({e}); check AWS_ACCESS_KEY_ID / "
+            f"access to S3 bucket {bucket!r} at {endpoint} was denied ({redact(str(e))}); check AWS_ACCESS_KEY_ID / "
             "AWS_SECRET_ACCESS_KEY (or storage_options key/secret)"
         ) from None
     except Exception as e:  # botocore/aiohttp connection errors have no common base worth naming
         hint = "set LONGLIVE_S3_ENDPOINT or AWS_ENDPOINT_URL to a reachable S3 endpoint"
-        if "credentials" in str(e).lower():
+        if "@" in (getattr(fs, "endpoint_url", None) or ""):
+            hint = ("take the user:password@ part out of the endpoint URL and give the keys as AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY")
+        elif "credentials" in str(e).lower():
             hint = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage_options key/secret)"
-        raise StorageError(f"cannot reach S3 bucket {bucket!r} at {endpoint}: {type(e).__name__}: {e}; {hint}") from None
+        raise StorageError(
+            f"cannot reach S3 bucket {bucket!r} at {endpoint}: {type(e).__name__}: {redact(str(e))}; {hint}"
+        ) from None
 
 
 def _join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts) if root else posixpath.join(*parts)
 
 
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a partial one."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, run: str | None = None) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a partial one.
+
+    ``run``: the writer's run id, which names the temporary file (so a later writer can prove it its own)."""
+    tmp = f"{path}.tmp-{run or uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
@@ -149,6 +176,51 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+def _read_record(fs: fsspec.AbstractFileSystem, path: str, url: str) -> dict | None:
+    """A writer's own record (progress or manifest); None if absent.
+
+    A file of that name that is not one of ours (unreadable, or without this module's ``format``) is an
+    error, not an absent record: the writer would otherwise overwrite someone else's ``manifest.json``, and
+    without a record of its own it cannot tell which files it may delete."""
+    name = posixpath.basename(path)
+    try:
+        record = _read_json(fs, path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{redact_url(url)}/{name} is not valid JSON ({e}); it names the shards "
+                         "this writer may replace, so nothing is deleted: restore or delete it, then rerun") from None
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ShardError(
+            f"{redact_url(url)}/{name} was not written by the longlive shard writer (no format {FORMAT!r}); "
+            "nothing there is deleted or overwritten: point encode.url at a prefix of its own "
+            f"(e.g. {redact_url(url).rstrip('/')}/shards)"
+        )
+    return record
+
+
+def _owned_shards(*records: dict | None) -> set[str]:
+    """Shard names a writer's records prove it wrote: the shards they list and the pending name."""
+    names = set()
+    for record in records:
+        for entry in (record or {}).get("shards", []):
+            names.add(entry["name"])
+        if (record or {}).get("pending"):
+            names.add(record["pending"])
+    return {n for n in names if isinstance(n, str) and SHARD_RE.match(n)}
+
+
+def _list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Base names of the entries directly under ``path`` ([] if it does not exist)."""
+    # s3fs caches listings per instance (and fsspec reuses instances): a file another client added or
+    # removed since the last listing must be seen, both to refuse foreign shards and to report missing ones.
+    fs.invalidate_cache(path)
+    try:
+        return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -214,14 +286,18 @@ class ShardWriter:
     Use as a context manager. A clean exit finishes the last (possibly short) shard and writes
     ``manifest.json``; an exception discards the partial shard and writes no manifest, keeping
     the completed shards for the next run (``resume=True``) to continue from ``done_keys``.
-    ``resume=False`` deletes this writer's files under ``url`` and starts afresh.
+    ``resume=False`` deletes this writer's files under ``url`` (those its records list) and starts
+    afresh; so does a ``fingerprint`` (of the inputs) that differs from the one the records carry.
+    Files at ``url`` that no record lists are never deleted (see the module docstring).
     """
 
-    def __init__(self, url: str, samples_per_shard: int, *, resume: bool = True, storage_options: dict | None = None):
+    def __init__(self, url: str, samples_per_shard: int, *, resume: bool = True, storage_options: dict | None = None,
+                 fingerprint: str | None = None):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.url = url
         self.samples_per_shard = samples_per_shard
+        self.fingerprint = fingerprint
         self.fs, self.root = open_fs(url, storage_options)
         self._tar: Any = None
         self._file: Any = None
@@ -230,9 +306,25 @@ class ShardWriter:
         self._current_meta: dict[str, set] = {}
         self._closed = False
         self.fs.makedirs(self.root, exist_ok=True)
-        self.shards: list[dict] = self._recover() if resume else self._wipe()
+        progress = _read_record(self.fs, self._path(PROGRESS), url)
+        manifest = _read_record(self.fs, self._path(MANIFEST), url)
+        previous = progress or manifest or {}
+        # Temporary names this writer may delete: its own run's and the run its progress record names.
+        # Without a record of its own at url nothing there is provably its own, and it deletes nothing.
+        self._run = uuid.uuid4().hex[:8]
+        self._runs = {self._run} | {r for r in [(progress or {}).get("run")] if isinstance(r, str) and RUN_RE.match(r)}
+        stale = fingerprint is not None and bool(previous) and previous.get("fingerprint") != fingerprint
+        if stale:
+            log.info("the inputs changed since the shards at %s were written: removing the %d shards of that run",
+                     redact_url(url), len(_owned_shards(progress, manifest)))
+        if resume and not stale:
+            self.shards = self._recover(progress, manifest)
+        else:
+            self.shards = self._discard(progress, manifest)
         self._done = {k for s in self.shards for k in s["keys"]}
         self._next_index = max((int(SHARD_RE.match(s["name"]).group(1)) for s in self.shards), default=-1) + 1
+        self._check_foreign()
+        self._write_progress(self.shards)  # records the pending name before any shard can be moved into place
         self._manifest_dropped = False
 
     # -- state on disk ---------------------------------------------------------------------
@@ -240,41 +332,80 @@ class ShardWriter:
     def _path(self, *parts: str) -> str:
         return _join(self.root, *parts)
 
-    def _our_files(self) -> list[str]:
-        try:
-            names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
-        except FileNotFoundError:
-            return []
-        return [n for n in names if SHARD_RE.match(n) or n in (MANIFEST, PROGRESS) or n.startswith(PROGRESS + ".tmp")]
+    def _names(self) -> list[str]:
+        return _list_names(self.fs, self.root)
 
-    def _wipe(self) -> list[dict]:
-        for name in self._our_files():
+    def _rm_if_present(self, name: str) -> None:
+        try:
             self.fs.rm(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def _discard(self, progress: dict | None, manifest: dict | None) -> list[dict]:
+        """Delete the files of the previous run, by name: the manifest first (the dataset stops being usable
+        before any of it goes), then its shards, then the progress file that names them."""
+        present = set(self._names())
+        if MANIFEST in present:
+            self.fs.rm(self._path(MANIFEST))
+        for name in sorted(_owned_shards(progress, manifest) & present):
+            self._rm_if_present(name)
         self._clear_tmp()
+        if PROGRESS in present:
+            self.fs.rm(self._path(PROGRESS))
         return []
 
     def _clear_tmp(self) -> None:
-        if self.fs.exists(self._path(TMP_DIR)):
-            self.fs.rm(self._path(TMP_DIR), recursive=True)
+        """Remove what a killed writer left half-written: shards under ``_tmp/`` and temporary records, only
+        under names of a run a record names (a writer records its run id before its first temporary file)."""
+        tmp = self._path(TMP_DIR)
+        for name in _list_names(self.fs, tmp):
+            m = TMP_SHARD_RE.match(name)
+            if m and m["run"] in self._runs:
+                self.fs.rm(_join(tmp, name))
+        for name in self._names():
+            m = ATOMIC_TMP_RE.match(name)
+            if m and m["run"] in self._runs:
+                self.fs.rm(self._path(name))
+        if isinstance(self.fs, LocalFileSystem) and self.fs.isdir(tmp) and not self.fs.ls(tmp):
+            self.fs.rmdir(tmp)  # object stores have no empty folders; a local one would linger
 
-    def _recover(self) -> list[dict]:
+    def _recover(self, progress: dict | None, manifest: dict | None) -> list[dict]:
         """Completed shards from a previous run; drop half-written and unrecorded ones."""
         self._clear_tmp()  # a shard a killed run was writing: never trusted, rewritten
-        progress = _read_json(self.fs, self._path(PROGRESS)) or _read_json(self.fs, self._path(MANIFEST)) or {}
-        present = set(self._our_files())
-        shards = [s for s in progress.get("shards", []) if s["name"] in present]
-        if len(shards) < len(progress.get("shards", [])):
-            # A recorded shard vanished: its keys are simply encoded again.
-            self._write_progress(shards)
-        recorded = {s["name"] for s in shards}
-        for name in present:
-            if SHARD_RE.match(name) and name not in recorded:
-                self.fs.rm(self._path(name))  # moved into place but the run died before recording it
+        record = progress or manifest or {}
+        present = set(self._names())
+        # A recorded shard that vanished is dropped here: its keys are simply encoded again.
+        shards = [s for s in record.get("shards", []) if s["name"] in present]
+        pending = record.get("pending")
+        if pending in present and pending not in {s["name"] for s in shards}:
+            self.fs.rm(self._path(pending))  # moved into place but the run died before recording it
         return shards
 
-    def _write_progress(self, shards: list[dict]) -> None:
-        body = {"format": FORMAT, "samples_per_shard": self.samples_per_shard, "updated_at": _now(), "shards": shards}
-        _atomic_write(self.fs, self._path(PROGRESS), _json_bytes(body))
+    def _check_foreign(self) -> None:
+        """Refuse shard-named files no record lists; log (once) the other files this writer leaves alone."""
+        mine = {s["name"] for s in self.shards} | {MANIFEST, PROGRESS, TMP_DIR}
+        foreign = sorted(n for n in self._names() if n not in mine)
+        clashing = [n for n in foreign if SHARD_RE.match(n)]
+        if clashing:
+            raise ShardError(
+                f"{redact_url(self.url)} holds shard files that no manifest of this dataset lists ({', '.join(clashing[:5])}"
+                f"{', ...' if len(clashing) > 5 else ''}); they were not written here, so they are not deleted: move "
+                "them away, or point encode.url at a prefix of its own"
+            )
+        if foreign:
+            log.info("leaving %d entries at %s that this writer did not write: %s%s", len(foreign),
+                     redact_url(self.url), ", ".join(foreign[:5]), ", ..." if len(foreign) > 5 else "")
+
+    def _write_progress(self, shards: list[dict], *, final: bool = False) -> None:
+        body = {"format": FORMAT, "samples_per_shard": self.samples_per_shard, "updated_at": _now(), "shards": shards,
+                "run": self._run}
+        if self.fingerprint is not None:
+            body["fingerprint"] = self.fingerprint
+        if not final:
+            # The name the next shard takes: if a kill lands between its move into place and this record,
+            # the next writer knows the file is its own.
+            body["pending"] = shard_name(self._next_index)
+        _atomic_write(self.fs, self._path(PROGRESS), _json_bytes(body), self._run)
 
     @property
     def done_keys(self) -> set[str]:
@@ -311,7 +442,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         import webdataset as wds
 
-        self._tmp_path = self._path(TMP_DIR, f"{shard_name(self._next_index)}.{uuid.uuid4().hex[:8]}")
+        self._tmp_path = self._path(TMP_DIR, f"{shard_name(self._next_index)}.{self._run}")
         self.fs.makedirs(self._path(TMP_DIR), exist_ok=True)
         self._file = self.fs.open(self._tmp_path, "wb")
         self._hasher = _HashingWriter(self._file)
@@ -333,9 +464,9 @@ class ShardWriter:
             "dtypes": {f: sorted(meta.get(f"{f}:dtypes", ())) for f in ARRAY_FIELDS},
         }
         self.shards.append(entry)
+        self._next_index += 1
         self._write_progress(self.shards)  # only now does the shard count as done
         self._done.update(self._current)
-        self._next_index += 1
         self._tar = self._file = self._hasher = None
         self._current, self._current_meta = [], {}
 
@@ -359,8 +490,9 @@ class ShardWriter:
         if self._current:
             self._finish_shard()
         self._clear_tmp()
-        manifest = build_manifest(self.shards, self.samples_per_shard)
-        _atomic_write(self.fs, self._path(MANIFEST), _json_bytes(manifest))
+        self._write_progress(self.shards, final=True)  # no pending name: nothing more will be moved in
+        manifest = build_manifest(self.shards, self.samples_per_shard, self.fingerprint)
+        _atomic_write(self.fs, self._path(MANIFEST), _json_bytes(manifest), self._run)
         self._closed = True
         return manifest
 
@@ -380,13 +512,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def build_manifest(shards: list[dict], samples_per_shard: int) -> dict:
+def build_manifest(shards: list[dict], samples_per_shard: int, fingerprint: str | None = None) -> dict:
     fields = {}
     for f in ARRAY_FIELDS:
         shapes = sorted({tuple(s) for sh in shards for s in sh.get("shapes", {}).get(f, [])})
         dtypes = sorted({d for sh in shards for d in sh.get("dtypes", {}).get(f, [])})
         fields[f] = {"shapes": [list(s) for s in shapes], "dtypes": dtypes}
-    return {
+    manifest = {
         "format": FORMAT,
         "complete": True,
         "created_at": _now(),
@@ -396,6 +528,9 @@ def build_manifest(shards: list[dict], samples_per_shard: int) -> dict:
         "fields": fields,
         "shards": shards,
     }
+    if fingerprint is not None:
+        manifest["fingerprint"] = fingerprint  # of the inputs: a writer given another one starts afresh
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,19 +539,36 @@ def build_manifest(shards: list[dict], samples_per_shard: int) -> dict:
 
 def read_manifest(url: str, storage_options: dict | None = None, *, fs: Any = None, root: str | None = None) -> dict:
     """The manifest of a finished dataset; :class:`ShardError` if it is missing or incomplete."""
+    return read_manifest_digest(url, storage_options, fs=fs, root=root)[0]
+
+
+def read_manifest_digest(url: str, storage_options: dict | None = None, *, fs: Any = None,
+                         root: str | None = None) -> tuple[dict, str]:
+    """``(manifest, sha256 of its bytes)`` from one read: the digest names exactly this dataset (a validation
+    record is bound to it)."""
     if fs is None:
         fs, root = open_fs(url, storage_options)
+    where = redact_url(url)
     try:
-        manifest = _read_json(fs, _join(root, MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{url}/{MANIFEST} is not valid JSON ({e}); rerun the encode stage") from None
-    if manifest is None:
+        data = fs.cat_file(_join(root, MANIFEST))
+    except FileNotFoundError:
         raise ShardError(
-            f"no {MANIFEST} under {url}: the encode stage did not finish; rerun it (it resumes from {PROGRESS})"
-        )
-    if not manifest.get("complete") or "shards" not in manifest:
-        raise ShardError(f"{url}/{MANIFEST} is not marked complete; rerun the encode stage")
-    return manifest
+            f"no {MANIFEST} under {where}: the encode stage did not finish; rerun it (it resumes from {PROGRESS})"
+        ) from None
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{where}/{MANIFEST} is not valid JSON ({e}); rerun the encode stage") from None
+    if not isinstance(manifest, dict) or not manifest.get("complete") or "shards" not in manifest:
+        raise ShardError(f"{where}/{MANIFEST} is not marked complete; rerun the encode stage")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def shard_files(url: str, storage_options: dict | None = None, *, fs: Any = None, root: str | None = None) -> set[str]:
+    """Names of the files at ``url`` that match the shard pattern (listed in the manifest or not)."""
+    if fs is None:
+        fs, root = open_fs(url, storage_options)
+    return {n for n in _list_names(fs, root) if SHARD_RE.match(n)}
 
 
 def _local_copy(fs: Any, path: str, tmpdir: str) -> str:
@@ -446,14 +598,15 @@ def iter_shard(url: str, entry: dict, *, verify: bool = True, fs: Any = None, ro
         fs, root = open_fs(url, storage_options)
     name = entry["name"]
     path = _join(root, name)
-    where = f"shard {name} of {url}"
+    where = f"shard {name} of {redact_url(url)}"
     with tempfile.TemporaryDirectory(prefix="longlive-shard-") as tmpdir:
         try:
             local = _local_copy(fs, path, tmpdir)
+            digest = sha256_file(local) if verify else None
         except FileNotFoundError:
-            raise ShardError(f"{where} is missing; rerun the encode stage without resume to rebuild it") from None
+            raise ShardError(f"{where} is listed in {MANIFEST} but missing; rerun `dvc repro encode` "
+                             "(it encodes the clips of missing shards again)") from None
         if verify:
-            digest = sha256_file(local)
             if digest != entry["sha256"]:
                 raise ChecksumError(
                     f"{where}: sha256 mismatch (manifest {entry['sha256'][:12]}..., file {digest[:12]}...); "
@@ -474,7 +627,8 @@ def iter_shard(url: str, entry: dict, *, verify: bool = True, fs: Any = None, ro
                     groups[key][field] = decode_field(field, tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise ShardError(
-                f"{where} is not a readable tar ({type(e).__name__}: {e}); delete it and rerun the encode stage"
+                f"{where} is not a readable tar ({type(e).__name__}: {redact(str(e))}); delete it and rerun the "
+                "encode stage"
             ) from None
     if order != list(entry["keys"]):
         missing = sorted(set(entry["keys"]) - set(order))[:5]
@@ -504,6 +658,6 @@ def shard_urls(url: str, storage_options: dict | None = None) -> list[str]:
 
 
 __all__ = [
-    "ShardError", "ChecksumError", "StorageError", "ShardWriter", "open_fs", "read_manifest", "iter_samples", "iter_shard",
-    "shard_urls", "shard_name", "build_manifest", "encode_sample", "decode_field", "sha256_file",
+    "ShardError", "ChecksumError", "StorageError", "ShardWriter", "open_fs", "read_manifest", "read_manifest_digest",
+    "iter_samples", "iter_shard", "shard_files", "shard_urls", "shard_name", "build_manifest", "encode_sample", "decode_field", "sha256_file",
 ]

@@ -3,14 +3,19 @@
 Two layers, one report:
 
 * shard level (plain Python, because GX validates tables, not files): the manifest exists and is
-  complete, its counts add up, every shard's sha256 matches, every shard is a readable tar holding
-  the keys the manifest lists;
+  complete, its counts add up, every shard it lists is present and no shard file it does not list
+  sits beside them, every shard's sha256 matches, every shard is a readable tar holding the keys the
+  manifest lists;
 * sample level (GX 1.x, ephemeral context, pandas dataframe): one row per readable sample with NaN/Inf
   counts, latent shape/dtype/mean/std, caption lengths and frame counts, checked by an
   ``ExpectationSuite`` whose failures name the offending sample keys.
 
 Problems are failed checks in the report, never exceptions, so the stage can write the report and
 then stop the DAG on ``not report.success``.
+
+The report is also the gate in code: ``report.json`` records ``success`` and the sha256 of the manifest
+it judged, and :func:`require_validated` (called wherever training opens shards) refuses a dataset
+without a passing report for exactly that manifest.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import numpy as np
 import pandas as pd
 
 from longlive.config import Preset, ValidateConfig
-from longlive.data.shards import ChecksumError, ShardError, iter_shard, open_fs, read_manifest
+from longlive.data.shards import (
+    MANIFEST, ChecksumError, ShardError, iter_shard, open_fs, read_manifest_digest, shard_files,
+)
+from longlive.secrets import redact_url
 
 MAX_EXAMPLES = 10
 COLUMNS = {  # column -> dtype of the per-sample table (also used to build an empty one)
@@ -55,6 +63,7 @@ class Report:
     checks: list[Check]
     num_samples: int = 0
     num_shards: int = 0
+    manifest_sha256: str | None = None  # the dataset judged; the training gate compares it
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -69,6 +78,7 @@ class Report:
         return {
             "success": self.success,
             "url": self.url,
+            "manifest_sha256": self.manifest_sha256,
             "created_at": self.created_at,
             "num_samples": self.num_samples,
             "num_shards": self.num_shards,
@@ -92,6 +102,15 @@ class Report:
             cells = [c.name, c.column or "", "pass" if c.success else "**FAIL**", c.observed, "<br>".join(c.examples)]
             lines.append("| " + " | ".join(_md_cell(x) for x in cells) + " |")
         return "\n".join(lines) + "\n"
+
+    def headline(self) -> str:
+        """One line: the verdict and, when it failed, the first failed check with its first example."""
+        if self.success:
+            return f"{self.url}: {len(self.checks)} checks passed"
+        first = self.failures[0]
+        detail = first.examples[0] if first.examples else first.observed
+        line = f"{self.url}: {len(self.failures)} of {len(self.checks)} checks failed; first: {first.name}: {detail}"
+        return " ".join(line.split())  # examples may quote multi-line errors
 
     def summary(self) -> dict:
         """Flat numbers for DVC metrics."""
@@ -167,13 +186,14 @@ def sample_row(sample: dict) -> dict:
 # Shard-level checks
 
 
-def _check_shards(url: str, storage_options: dict | None) -> tuple[list[Check], list[dict], dict | None]:
-    """Shard-level checks and the rows of every sample that could be read."""
+def _check_shards(url: str, storage_options: dict | None) -> tuple[list[Check], list[dict], dict | None, str | None]:
+    """Shard-level checks, the rows of every sample that could be read, the manifest and its sha256."""
     try:
         fs, root = open_fs(url, storage_options)
-        manifest = read_manifest(url, fs=fs, root=root)
+        manifest, digest = read_manifest_digest(url, fs=fs, root=root)
     except ShardError as e:
-        return [Check("manifest.json present and complete", False, kind="shard", observed=str(e), examples=[url])], [], None
+        return ([Check("manifest.json present and complete", False, kind="shard", observed=str(e),
+                       examples=[redact_url(url)])], [], None, None)
     checks = [Check("manifest.json present and complete", True, kind="shard", observed=f"{manifest['num_shards']} shards")]
 
     shards = manifest["shards"]
@@ -186,10 +206,29 @@ def _check_shards(url: str, storage_options: dict | None) -> tuple[list[Check], 
         examples=[f"{n}: count != len(keys)" for n in bad_counts][:MAX_EXAMPLES],
     ))
 
+    listed = [s["name"] for s in shards]
+    present = shard_files(url, fs=fs, root=root)
+    missing = [n for n in listed if n not in present]
+    extra = sorted(present - set(listed))
+    checks.append(Check(
+        "every shard the manifest lists is present", not missing, kind="shard",
+        observed=f"{len(missing)} of {len(listed)} shards missing",
+        examples=[f"{n} is listed in {MANIFEST} but missing; rerun `dvc repro encode` (it encodes their clips again)"
+                  for n in missing][:MAX_EXAMPLES],
+    ))
+    checks.append(Check(
+        "no shard files the manifest does not list", not extra, kind="shard",
+        observed=f"{len(extra)} unlisted shard files",
+        examples=[f"{n} is not in {MANIFEST}: encode did not write it and training would skip it; move it away "
+                  "from the shard url" for n in extra][:MAX_EXAMPLES],
+    ))
+
     rows: list[dict] = []
     sha_bad: list[str] = []
     unreadable: list[str] = []
     for entry in shards:
+        if entry["name"] in missing:
+            continue  # reported above, once
         try:
             samples = list(iter_shard(url, entry, verify=True, fs=fs, root=root))
         except ChecksumError as e:
@@ -208,7 +247,7 @@ def _check_shards(url: str, storage_options: dict | None) -> tuple[list[Check], 
                         observed=f"{len(sha_bad)} of {n} shards differ", examples=sha_bad[:MAX_EXAMPLES]))
     checks.append(Check("shard is a readable tar with the manifest's keys", not unreadable, kind="shard",
                         observed=f"{len(unreadable)} of {n} shards unreadable", examples=unreadable[:MAX_EXAMPLES]))
-    return checks, rows, manifest
+    return checks, rows, manifest, digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +341,50 @@ def validate_shards(url: str, expected: dict, cfg: ValidateConfig, *, storage_op
     ``expected`` keys (all optional): ``latent_shapes`` (list of (C, F, h, w)), ``latent_dtypes``,
     ``num_frames`` (pixel frames per clip), ``num_latent_frames``, ``num_samples``.
     """
-    shard_checks, rows, manifest = _check_shards(url, storage_options)
+    shard_checks, rows, manifest, digest = _check_shards(url, storage_options)
     if manifest is None:  # nothing to look at: the report says why
-        return Report(url, shard_checks)
+        return Report(redact_url(url), shard_checks)
     df = pd.DataFrame(rows, columns=list(COLUMNS)).astype(COLUMNS)
     total = int(manifest["total_samples"])
     sample_checks = run_suite(df, build_suite(expected, cfg, total))
-    return Report(url, shard_checks + sample_checks, num_samples=len(df), num_shards=int(manifest["num_shards"]))
+    return Report(redact_url(url), shard_checks + sample_checks, num_samples=len(df),
+                  num_shards=int(manifest["num_shards"]), manifest_sha256=digest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate
+
+
+class NotValidatedError(ShardError):
+    """The shards have no passing validation report for their current manifest."""
+
+
+def require_validated(url: str, report: str | os.PathLike, storage_options: dict | None = None) -> tuple[Any, str, dict]:
+    """``(fs, root, manifest)`` of the shards at ``url`` if ``report`` (the validate stage's ``report.json``)
+    passed them; :class:`NotValidatedError` otherwise.
+
+    The manifest returned is the one whose bytes the report's ``manifest_sha256`` names (one read), so a
+    reader that takes its shard list from it reads exactly what was validated: each shard's sha256 is in
+    it, and :func:`~longlive.data.shards.iter_shard` checks it.
+    """
+    fs, root = open_fs(url, storage_options)
+    manifest, digest = read_manifest_digest(url, fs=fs, root=root)
+    where, fix = redact_url(url), "run `dvc repro validate`"
+    try:
+        record = json.loads(Path(report).read_text())
+    except FileNotFoundError:
+        raise NotValidatedError(f"the shards at {where} have not been validated ({report} not found); {fix}") from None
+    except (OSError, ValueError) as e:
+        raise NotValidatedError(f"the shards at {where} have no readable validation report ({report}: {e}); {fix}") from None
+    if not isinstance(record, dict) or record.get("manifest_sha256") != digest:
+        judged = (record.get("manifest_sha256") or "none") if isinstance(record, dict) else "none"
+        raise NotValidatedError(
+            f"the shards at {where} changed since {report} judged them (manifest sha256 {digest[:12]}..., the report's "
+            f"{judged[:12]}...); {fix}"
+        )
+    if record.get("success") is not True:
+        raise NotValidatedError(
+            f"the shards at {where} failed validation ({record.get('num_failed', '?')} failed checks, see "
+            f"{Path(report).with_suffix('.md')}); fix the data (`dvc repro encode`), then {fix}"
+        )
+    return fs, root, manifest

@@ -57,16 +57,19 @@ import torch
 from torch import Tensor
 
 from longlive.config import ARConfig, ARVariantConfig, Preset
-from longlive.data.shards import iter_samples, iter_shard, open_fs, read_manifest
+from longlive.data.shards import iter_shard
+from longlive.data.validate import require_validated
+from longlive.device import resolve_device
 from longlive.diffusion import flow
 from longlive.models.attention import cached_history, teacher_forcing_mask_from_history
 from longlive.models.dit import WanDiT
 from longlive.models.text import load_text_encoder
 from longlive.models.wan_adapter import load_dit, save_dit
 from longlive.quant.convert import apply_qat
+from longlive.secrets import redact_url
 from longlive.parallel import ParallelState, parallelize, plain_copy
 from longlive.train.ema import EMA
-from longlive.train.loop import autocast, resolve_device, run_training, write_history
+from longlive.train.loop import autocast, run_training, write_history
 
 log = logging.getLogger(__name__)
 
@@ -188,21 +191,26 @@ class ShardClips:
     B clips drawn uniformly. ``shards_in_memory=k`` streams: each step draws one shard (weighted by
     its size) and the batch from it, keeping the k most recent shards; memory stays bounded and the
     draw is still a function of the generator alone, so exact resume holds either way.
+
+    ``validation_report`` is the validate stage's ``report.json``: the shards are opened only if it passed
+    this very manifest (:func:`~longlive.data.validate.require_validated`), before any model is loaded.
     """
 
-    def __init__(self, url: str, shards_in_memory: int | None = None, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str, shards_in_memory: int | None = None, storage_options: dict | None = None, *,
+                 validation_report: str | os.PathLike) -> None:
         self.url, self.storage_options = url, storage_options
-        self.fs, self.root = open_fs(url, storage_options)
-        self.entries = read_manifest(url, fs=self.fs, root=self.root)["shards"]
+        self.fs, self.root, manifest = require_validated(url, validation_report, storage_options)
+        self.entries = manifest["shards"]
         if not self.entries:
-            raise ValueError(f"the dataset at {url} has no shards")
+            raise ValueError(f"the dataset at {redact_url(url)} has no shards")
         self.sizes = torch.tensor([len(e["keys"]) for e in self.entries], dtype=torch.float64)
         self.streaming = shards_in_memory is not None and shards_in_memory < len(self.entries)
         self.capacity = shards_in_memory or len(self.entries)
         self._cache: OrderedDict[int, list[Clip]] = OrderedDict()
         self._all: list[Clip] = []
-        if not self.streaming:
-            self._all = [clip_from_sample(s) for s in iter_samples(url, storage_options=storage_options)]
+        if not self.streaming:  # from the validated manifest's entries, not a second read of the manifest
+            self._all = [clip_from_sample(s) for e in self.entries
+                         for s in iter_shard(url, e, fs=self.fs, root=self.root)]
 
     def __len__(self) -> int:
         return int(self.sizes.sum())
@@ -364,12 +372,14 @@ def train_ar(
     out_dir: str | os.PathLike,
     work_dir: str | os.PathLike,
     plots_dir: str | os.PathLike,
+    validation_report: str | os.PathLike,
     null_context: Tensor | None = None,
     parallel: ParallelState | None = None,
 ) -> ARResult:
     """Train one variant; write ``out_dir/{dit/, ar_config.json}`` and ``plots_dir/loss.json``.
 
-    The student starts from ``base_dir/dit``. ``null_context`` (L, D) is the empty-prompt embedding for
+    The shards must have passed validation: ``validation_report`` is the validate stage's ``report.json``
+    (see :class:`ShardClips`). The student starts from ``base_dir/dit``. ``null_context`` (L, D) is the empty-prompt embedding for
     caption dropout; by default it is computed with the preset's text encoder (``base_dir/text`` for
     the tiny encoder). Resume state lives in ``work_dir`` (``checkpoint.pt``, removed after success;
     offline wandb runs under ``work_dir/wandb`` stay for ``wandb sync``).
@@ -384,7 +394,7 @@ def train_ar(
     base_dir, out_dir, work_dir, plots_dir = map(Path, (base_dir, out_dir, work_dir, plots_dir))
     device = parallel.device if parallel is not None else resolve_device(preset.device)
 
-    data = ShardClips(shards_url, cfg.shards_in_memory)
+    data = ShardClips(shards_url, cfg.shards_in_memory, validation_report=validation_report)
     if null_context is None:
         text_path = preset.text.path if preset.text.kind == "umt5" else base_dir / "text"
         with torch.no_grad():

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from longlive.config import DMDConfig, Preset
+from longlive.device import resolve_device
 from longlive.diffusion import dmd, flow
 from longlive.models.dit import Block, WanDiT
 from longlive.models.lora import apply_lora, has_lora, load_and_merge_adapter, save_adapter
@@ -47,7 +48,7 @@ from longlive.train.ar import (
     AR_CONFIG_NAME, Clip, ClipMasks, ShardClips, _file_stamp, build_batch, collate, masked_flow_loss, tf_forward,
 )
 from longlive.train.ema import EMA
-from longlive.train.loop import resolve_device, run_training, write_history
+from longlive.train.loop import run_training, write_history
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,13 @@ def dmd_step_losses(
 def train_dmd(
     preset: Preset, variant: str, student: str, *, ar_dir: str | os.PathLike, base_dir: str | os.PathLike,
     out_dir: str | os.PathLike, work_dir: str | os.PathLike, plots_dir: str | os.PathLike,
-    shards_url: str | None = None, null_context: Tensor | None = None, qat_from: str | os.PathLike | None = None,
+    validation_report: str | os.PathLike, shards_url: str | None = None, null_context: Tensor | None = None,
+    qat_from: str | os.PathLike | None = None,
 ) -> dict:
     """Distil ``ar_dir`` (a train_ar export) into the ``student`` step list; returns the metrics.
+
+    The data term reads the shards only if ``validation_report`` (the validate stage's ``report.json``)
+    passed them (see :class:`~longlive.train.ar.ShardClips`).
 
     ``qat_from``: a train_dmd export of the same student to fine-tune for NVFP4 instead (QAT): its
     generator (LoRA merged) with NVFP4 fake quantization of weights and activations (``quant`` in params,
@@ -144,7 +149,7 @@ def train_dmd(
     layout = layout_from_ar_config(ar_config, steps, cfg.timestep_shift)
     device = resolve_device(preset.device)
 
-    data = ShardClips(shards_url or preset.encode.url, preset.ar.shards_in_memory)
+    data = ShardClips(shards_url or preset.encode.url, preset.ar.shards_in_memory, validation_report=validation_report)
     if null_context is None:
         text_path = preset.text.path if preset.text.kind == "umt5" else base_dir / "text"
         with torch.no_grad():
