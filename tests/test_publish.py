@@ -31,7 +31,7 @@ from longlive.publish import (
 from longlive.publish.store import LATEST, STAGING
 from longlive.quant import nvfp4
 
-DIT_FILE = "checkpoints/t2v/dit/diffusion_pytorch_model.safetensors"
+DIT_FILE = "transformer/diffusion_pytorch_model.safetensors"  # t2v: the diffusers pipeline's transformer
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -134,8 +134,8 @@ def test_publish_pull_verify_on_s3(preset, inputs, s3_store, tmp_path, clean_s3_
     manifest = verify_folder(tmp_path / "pulled")
     files = set(manifest["files"])
     assert {"README.md", "release.json", "config/preset.json", "metrics/eval.json", "provenance/git.json",
-            "provenance/dvc.lock", DIT_FILE, "checkpoints/t2v/ar_config.json", "base/vae/config.json",
-            "base/text/model.safetensors"} <= files
+            "provenance/dvc.lock", DIT_FILE, "transformer/ar_config.json", "vae/config.json",
+            "text/model.safetensors", "model_index.json"} <= files
     assert any(f.startswith("checkpoints/t2v-nvfp4/") and f.endswith(".safetensors") for f in files)
 
     release = Release.open(tmp_path / "pulled")

@@ -5,7 +5,12 @@ original layer as ``base`` (frozen) and adds ``(alpha / rank) * B(A(x))``; ``mer
 adapters back into plain ``nn.Linear`` layers. Targets are suffixes of module names
 (``attn1.to_q`` matches ``blocks.3.attn1.to_q``).
 
-Why not ``peft``: peft would fit the Linear layers, but its injected modules rename the base weights
+On disk an adapter is either ours (``lora.safetensors``, config in its metadata) or peft's
+(``adapter_config.json`` + ``adapter_model.safetensors`` with diffusers' module names, so that
+``PeftModel.from_pretrained`` puts it on diffusers' ``WanTransformer3DModel``); :func:`read_adapter`
+reads both.
+
+Why not ``peft`` in training: peft would fit the Linear layers, but its injected modules rename the base weights
 (``to_q.base_layer.weight``), which breaks the diffusers key map our save/load uses, and they would
 stand between the NVFP4 converter (which swaps ``nn.Linear`` modules by name) and the layers it must
 see. Sixty lines keep one state-dict layout before and after a merge, and no extra dependency.
@@ -22,8 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from longlive.config import LoRAConfig
+from longlive.models.wan_adapter import from_diffusers_module, to_diffusers_module
 
 ADAPTER_FILE = "lora.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_PEFT_NAMES = {".down.weight": ".lora_A.weight", ".up.weight": ".lora_B.weight"}
 
 
 class LoRAError(ValueError):
@@ -123,12 +133,87 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | os.PathLike
     return path
 
 
+def peft_adapter(cfg: LoRAConfig, state: dict[str, Tensor], base_model: str | None = None) -> tuple[dict, dict]:
+    """Our adapter (``lora_state_dict`` keys) as peft's ``(adapter_config, weights)``, in diffusers' module names."""
+    modules, weights = set(), {}
+    for key, value in state.items():
+        suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
+        if suffix is None:
+            raise LoRAError(f"{key} is not a LoRA weight (expected *.down.weight / *.up.weight from lora_state_dict)")
+        module = to_diffusers_module(key[: -len(suffix)])
+        modules.add(module)
+        weights[_PEFT_PREFIX + module + _PEFT_NAMES[suffix]] = value.detach().contiguous().cpu()
+    # Exact module names, not our suffixes: peft matches a name or a '.'-suffix, so this selects these layers only.
+    config = {"peft_type": "LORA", "task_type": None, "r": cfg.rank, "lora_alpha": cfg.alpha,
+              "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+              "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True, "base_model_name_or_path": base_model}
+    return config, weights
+
+
+def save_peft_adapter(cfg: LoRAConfig, state: dict[str, Tensor], directory: str | os.PathLike,
+                      base_model: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format) into ``directory``.
+
+    The weights are written before the config, each atomically: a directory with a config has its weights.
+    """
+    import json
+
+    config, weights = peft_adapter(cfg, state, base_model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in ((PEFT_WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"})),
+                        (PEFT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
+        tmp = directory / (name + ".tmp")
+        write(tmp)
+        os.replace(tmp, directory / name)
+    return directory
+
+
+def _read_peft_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    import json
+
+    config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    if not weights_path.is_file():
+        raise LoRAError(f"{config_path} has no {PEFT_WEIGHTS} beside it; copy the adapter's weights there")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{config_path} is not valid JSON ({e})") from None
+    # Anything that changes the update beyond (alpha / r) * B A would load silently wrong into LoRALinear.
+    unsupported = {k: config.get(k) for k, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_rslora", False),
+                                                   ("use_dora", False), ("fan_in_fan_out", False))
+                   if config.get(k, ok) != ok}
+    unsupported |= {k: config[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)}
+    if unsupported:
+        raise LoRAError(f"{config_path}: {unsupported} is not supported; only plain LoRA (one rank and alpha, no bias, "
+                        "no DoRA/rsLoRA) loads into longlive's LoRALinear")
+    state = {}
+    for key, value in load_file(str(weights_path)).items():
+        suffix = next((s for s, p in _PEFT_NAMES.items() if key.endswith(p)), None)
+        if suffix is None or not key.startswith(_PEFT_PREFIX):
+            raise LoRAError(f"{weights_path}: {key} is not a peft LoRA weight ({_PEFT_PREFIX}<module>.lora_A/B.weight)")
+        module = key[len(_PEFT_PREFIX): -len(_PEFT_NAMES[suffix])]
+        state[from_diffusers_module(module) + suffix] = value
+    targets = sorted({k.rsplit(".", 2)[0] for k in state})
+    if not targets:
+        raise LoRAError(f"{weights_path} holds no LoRA weights")
+    try:
+        cfg = LoRAConfig(rank=config["r"], alpha=config.get("lora_alpha", config["r"]), targets=targets)
+    except (KeyError, ValueError) as e:
+        raise LoRAError(f"{config_path}: not a usable LoRA config ({e}); it needs r and lora_alpha") from None
+    return cfg, state
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Tensor]] | None:
-    """(config, weights) of ``directory/lora.safetensors``, or None when there is no adapter."""
+    """(config, weights) of the adapter in ``directory`` -- ``lora.safetensors`` or peft's
+    ``adapter_config.json`` + ``adapter_model.safetensors`` -- or None when there is none."""
     from safetensors import safe_open
 
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
+        if (Path(directory) / PEFT_CONFIG).is_file():
+            return _read_peft_adapter(Path(directory))
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -138,7 +223,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Te
 
 
 def load_and_merge_adapter(model: nn.Module, directory: str | os.PathLike) -> bool:
-    """Merge ``directory/lora.safetensors`` (if any) into ``model``; True when there was one."""
+    """Merge the adapter of ``directory`` (if any, either format) into ``model``; True when there was one."""
     adapter = read_adapter(directory)
     if adapter is None:
         return False

@@ -72,6 +72,15 @@ def to_diffusers_state_dict(sd: dict) -> dict:
     return {to_diffusers_key(k): v for k, v in sd.items()}
 
 
+def to_diffusers_module(name: str) -> str:
+    """A module name of ours in diffusers' naming (``blocks.0.ffn.linear_1`` -> ``blocks.0.ffn.net.0.proj``)."""
+    return to_diffusers_key(name + ".weight")[: -len(".weight")]
+
+
+def from_diffusers_module(name: str) -> str:
+    return from_diffusers_key(name + ".weight")[: -len(".weight")]
+
+
 def dit_config_from_diffusers(config: dict) -> WanDiTSpec:
     """Our config and channel sizes from a diffusers ``WanTransformer3DModel`` config.json dict."""
     unsupported = {

@@ -1,13 +1,17 @@
 """Build a release folder from checkpoints, base models, metrics and the preset.
 
-Layout (every file is listed with its SHA-256 in ``manifest.json``, which is written last)::
+Layout (every file is listed with its SHA-256 in ``manifest.json``, which is written last); the folder is
+also a diffusers ``WanPipeline`` repo (hf.py)::
 
-    README.md                    the model card (card.py)
-    release.json                 what is inside: checkpoints (kind, dtype, quantization), base models,
-                                 metrics, git commit; read by ``load_release``
-    checkpoints/<name>/dit/      bf16 (or as stored) DiT in the diffusers layout, + ar_config.json
+    README.md                    the model card (card.py), with the Hub's YAML front matter
+    release.json                 what is inside: checkpoints (kind, dtype, quantization, path), base models,
+                                 metrics, git commit, diffusers components; read by ``Release``
+    model_index.json             diffusers' pipeline index (transformer, vae, scheduler; text encoder referenced)
+    transformer/                 the pipeline's DiT checkpoint (bf16 or as stored, diffusers layout) + ar_config.json
+    scheduler/                   its flow-matching scheduler config
+    vae/, text/                  the base models inference needs besides the DiT
+    checkpoints/<name>/dit/      every other DiT checkpoint (+ ar_config.json, a peft LoRA adapter)
     checkpoints/<name>/...       an NVFP4 checkpoint, copied as written by the quantize stage
-    base/vae/, base/text/        what inference needs besides the DiT
     config/preset.json           the resolved, validated preset
     metrics/<name>.json          metrics files, byte for byte
     provenance/git.json          commit, branch, changed files
@@ -15,7 +19,7 @@ Layout (every file is listed with its SHA-256 in ``manifest.json``, which is wri
     manifest.json
 
 A release loads with ``longlive.inference.generate.load_release_models`` (or ``longlive generate
---checkpoint <release> --variant NAME``).
+--checkpoint <release>/<path of a checkpoint>``), and with diffusers' ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from pathlib import Path
 
 from longlive.config import Preset, PublishCheckpoint, PublishConfig
 from longlive.io import atomic_dir
+from longlive.publish import hf
 from longlive.publish.card import render_card
 from longlive.publish.manifest import FORMAT, ReleaseError, build_manifest, check_version, json_bytes, write_manifest
 from longlive.publish.provenance import dvc_lock, git_info
+from longlive.secrets import redact_options, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,7 @@ def add_checkpoint(dest: Path, name: str, spec: PublishCheckpoint, preset: Prese
             _copytree(dit, dest / "dit")
         info = {"kind": "dit", "dtype": spec.dtype if spec.dtype == "bf16" else "stored",
                 "source_dtypes": source["dtypes"], "quantization": None}
+        info.update(hf.add_hf_layout(dest, spec, preset))  # LoRA merged or in peft's format; the diffusers record
         if (dest / "ar_config.json").is_file():
             ar = json.loads((dest / "ar_config.json").read_text())
             info["ar_config"] = {k: ar[k] for k in ("variant", "i2v", "block_frames", "denoising_steps",
@@ -156,8 +163,10 @@ def add_checkpoint(dest: Path, name: str, spec: PublishCheckpoint, preset: Prese
 
 
 def add_base(dest: Path, base: Path, components: list[str], preset: Preset) -> dict:
+    """Copy the base components into ``dest`` (the release's top level: ``vae/`` is where diffusers looks)."""
     bundled, not_bundled = [], {}
     for comp in components:
+        hf.check_base_component(comp)
         src = base / comp
         if src.is_dir():
             _copytree(src, dest / comp)
@@ -168,7 +177,7 @@ def add_base(dest: Path, base: Path, components: list[str], preset: Preset) -> d
         else:
             raise ReleaseError(f"base component {comp!r}: {src} does not exist; run the base stage (`dvc repro base`) "
                                "or drop it from publish.base_components")
-    return {"bundled": bundled, "not_bundled": not_bundled}
+    return {"bundled": bundled, "not_bundled": not_bundled, "dir": "."}  # Release.base: where vae/ and text/ are
 
 
 def add_metrics(dest: Path, metrics: dict[str, str]) -> dict[str, dict]:
@@ -208,10 +217,14 @@ def build_release(
     with atomic_dir(out_dir) as tmp:
         checkpoints = {name: add_checkpoint(tmp / "checkpoints" / name, name, spec, preset)
                        for name, spec in cfg.checkpoints.items()}
-        base = add_base(tmp / "base", Path(cfg.base), cfg.base_components, preset)
+        base = add_base(tmp, Path(cfg.base), cfg.base_components, preset)
+        diffusers = hf.add_pipeline(tmp, checkpoints, base, preset)  # moves one checkpoint to transformer/
         metrics = add_metrics(tmp / "metrics", cfg.metrics)
         (tmp / "config").mkdir()
-        (tmp / "config" / "preset.json").write_bytes(json_bytes(preset.model_dump(mode="json", by_alias=True)))
+        # Redacted even though config refuses credentials in params: a release is public, and a preset
+        # built in code (or by an older longlive) may still carry storage_options secrets.
+        preset_json = redact_options(preset.model_dump(mode="json", by_alias=True))
+        (tmp / "config" / "preset.json").write_bytes(json_bytes(preset_json))
         git = git_info(repo)
         (tmp / "provenance").mkdir()
         (tmp / "provenance" / "git.json").write_bytes(json_bytes(git))
@@ -230,7 +243,10 @@ def build_release(
             "config": "config/preset.json",
             "git": {k: git[k] for k in ("commit", "branch", "dirty")},
             "dvc_lock": "provenance/dvc.lock" if lock is not None else None,
-            "url": url,
+            "url": redact_url(url) if url else url,
+            "license": cfg.license,  # the card's front matter
+            "base_model": hf.base_model(cfg, preset),
+            "diffusers": diffusers,
         }
         (tmp / RELEASE_JSON).write_bytes(json_bytes(release))
         (tmp / "README.md").write_text(render_card(release, metrics, preset))

@@ -30,10 +30,11 @@ class Release:
 
     @property
     def base(self) -> Path:
-        return self.root / "base"
+        """Where ``vae/`` and ``text/`` are: the top level (diffusers' layout), ``base/`` in older releases."""
+        return self.root / self.info["base"].get("dir", "base")
 
-    def checkpoint(self, variant: str | None = None) -> Path:
-        """``checkpoints/<variant>``; without ``variant`` the release must hold exactly one checkpoint."""
+    def variant(self, variant: str | None = None) -> str:
+        """The checkpoint's name; without ``variant`` the release must hold exactly one checkpoint."""
         names = list(self.info["checkpoints"])
         if variant is None:
             if len(names) != 1:
@@ -42,7 +43,13 @@ class Release:
             variant = names[0]
         if variant not in names:
             raise ReleaseError(f"release {self.version} has no checkpoint {variant!r}; it holds {names}")
-        return self.root / "checkpoints" / variant
+        return variant
+
+    def checkpoint(self, variant: str | None = None) -> Path:
+        """The folder load_models takes for ``variant``: ``transformer/`` for the diffusers pipeline's checkpoint,
+        ``checkpoints/<variant>`` for the others (release.json's ``path``; older releases have no such key)."""
+        name = self.variant(variant)
+        return self.root / self.info["checkpoints"][name].get("path", f"checkpoints/{name}")
 
     def preset(self) -> Preset:
         """The resolved preset the release was built with (``config/preset.json``)."""
@@ -59,11 +66,18 @@ class Release:
 
 
 def find_release(path: str | os.PathLike) -> tuple[Release, str | None] | None:
-    """``(release, variant)`` when ``path`` is a release folder (variant None) or one of its
-    ``checkpoints/<variant>`` folders; None for anything else (a plain checkpoint directory)."""
+    """``(release, variant)`` when ``path`` is a release folder (variant None), one of its checkpoint folders
+    (``transformer``, ``checkpoints/<variant>``) or ``checkpoints/<variant>`` of the checkpoint that
+    ``transformer/`` holds; None for anything else (a plain checkpoint directory)."""
     p = Path(path)
     if (p / RELEASE_JSON).is_file():
         return Release.open(p), None
-    if p.parent.name == "checkpoints" and (p.parent.parent / RELEASE_JSON).is_file():
-        return Release.open(p.parent.parent), p.name
+    for root in (p.parent, p.parent.parent):
+        if (root / RELEASE_JSON).is_file():
+            rel, sub = Release.open(root), p.relative_to(root).as_posix()
+            for name, info in rel.info["checkpoints"].items():
+                if sub in (f"checkpoints/{name}", info.get("path")):
+                    return rel, name
+            if p.parent.name == "checkpoints":
+                return rel, p.name  # Release.checkpoint says which checkpoints there are
     return None
