@@ -41,6 +41,7 @@ from dmd_quality import compare, comparison_lines  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / ".work" / "dmd_from_diffusion_ar"
+VALIDATION_REPORT = ROOT / "reports" / "validate" / "report.json"  # training reads only shards validate passed
 
 
 def steps(n: int) -> list[int]:
@@ -58,11 +59,13 @@ def train(preset, variant: str) -> tuple[Path, Path, dict]:
     ar_dir, dmd_dir = WORK / "ar" / variant, WORK / "dmd" / f"{variant}-2step"
     metrics = {}
     if not (ar_dir / "ar_config.json").is_file():
-        r = train_ar(preset, variant, shards_url=preset.encode.url, base_dir=ROOT / "models/base", out_dir=ar_dir,
+        r = train_ar(preset, variant, shards_url=preset.encode.url, validation_report=VALIDATION_REPORT,
+                     base_dir=ROOT / "models/base", out_dir=ar_dir,
                      work_dir=WORK / "work/ar" / variant, plots_dir=WORK / "reports/ar" / variant)
         metrics["train_ar"] = r.metrics
     if not (dmd_dir / "ar_config.json").is_file():
         metrics["train_dmd"] = train_dmd(preset, variant, "2step", ar_dir=ar_dir, base_dir=ROOT / "models/base",
+                                         validation_report=VALIDATION_REPORT,
                                          out_dir=dmd_dir, work_dir=WORK / "work/dmd" / variant,
                                          plots_dir=WORK / "reports/dmd" / variant)
     return ar_dir, dmd_dir, metrics

@@ -332,7 +332,8 @@ def run_train_ar(root: Path, shards: str, out: str, state):
     preset = ar_preset()
     null = torch.zeros(preset.text.max_tokens, preset.text.dim)
     return train_ar(preset, "i2v", shards_url=shards, base_dir=root / "base", out_dir=root / out / "model",
-                    work_dir=root / out / "work", plots_dir=root / out / "plots", null_context=null, parallel=state)
+                    work_dir=root / out / "work", plots_dir=root / out / "plots", null_context=null, parallel=state,
+                    validation_report=root / "validate" / "report.json")
 
 
 def train_ar_two_ranks(state, root: str, shards: str) -> None:

@@ -131,8 +131,15 @@ def shards(synth_dir, fake_encoders, tmp_path_factory):
     return url
 
 
+@pytest.fixture(scope="module")
+def record(shards, tiny_preset, tmp_path_factory):
+    from conftest import validate_into
+
+    return validate_into(shards, tiny_preset, tmp_path_factory.mktemp("dmd_validate"))
+
+
 @pytest.mark.parametrize("variant,lora", [("t2v", False), ("i2v", True)])
-def test_train_dmd_runs_and_exports_a_student(tiny_preset, shards, tmp_path, monkeypatch, variant, lora):
+def test_train_dmd_runs_and_exports_a_student(tiny_preset, shards, record, tmp_path, monkeypatch, variant, lora):
     from longlive.config import DMDConfig, LoRAConfig
     from longlive.models.lora import ADAPTER_FILE
     from longlive.models.wan_adapter import save_dit
@@ -155,7 +162,7 @@ def test_train_dmd_runs_and_exports_a_student(tiny_preset, shards, tmp_path, mon
     (ar_dir / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, variant)))
     null = torch.zeros(preset.text.max_tokens, preset.text.dim)
     kw = dict(ar_dir=ar_dir, base_dir=tmp_path / "base", work_dir=tmp_path / "work", plots_dir=tmp_path / "plots",
-              shards_url=shards, null_context=null)
+              shards_url=shards, validation_report=record, null_context=null)
     metrics = train_dmd(preset, variant, "2step", out_dir=tmp_path / "out", **kw)
     assert metrics["steps"] == 4 and metrics["denoising_steps"] == 2
     critic = json.loads((tmp_path / "plots" / "critic_loss.json").read_text())

@@ -18,6 +18,7 @@ from longlive.models.text import TinyTextEncoder
 from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import save_dit
 from longlive.train.light_decoder import distill_decoder
+from conftest import validate_into
 from tests.test_config import write_params
 
 SIZES = dict(channels=[16, 8, 8], blocks=[2, 1], spatial_upsample=[True, True], temporal_upsample=[True, True],
@@ -134,17 +135,19 @@ def test_checkpoint_roundtrip_and_mismatch(light, preset, tmp_path):
         LightDecoder.from_pretrained(tmp_path / "nowhere")
 
 
-def test_short_distillation_lowers_the_loss(preset, vae, synth_dir, fake_encoders, tmp_path):
+def test_short_distillation_lowers_the_loss(preset, vae, synth_dir, fake_encoders, tiny_preset, tmp_path):
     encode_video, encode_text = fake_encoders  # synthetic latents with the real shapes
     encode_dataset(synth_dir, str(tmp_path / "shards"), encode_video=encode_video, encode_text=encode_text,
                    samples_per_shard=8)
+    record = validate_into(str(tmp_path / "shards"), tiny_preset, tmp_path / "validate")
     vae.save_pretrained(tmp_path / "base" / "vae")
     cfg = LightDecoderConfig(**SIZES, distill={"train": {"steps": 60, "batch_size": 2, "lr": 3e-3, "log_every": 5},
                                                "eval_clips": 2, "ckpt_every": 20})
     p = preset.model_copy(update={"light_decoder": cfg,
                                   "tracking": preset.tracking.model_copy(update={"wandb_mode": "disabled"})})
     metrics = distill_decoder(p, shards_url=str(tmp_path / "shards"), synth_dir=synth_dir, base_dir=tmp_path / "base",
-                              out_dir=tmp_path / "ld", work_dir=tmp_path / "work", plots_dir=tmp_path / "plots")
+                              out_dir=tmp_path / "ld", work_dir=tmp_path / "work", plots_dir=tmp_path / "plots",
+                              validation_report=record)
     assert metrics["loss_last"] < 0.8 * metrics["loss_first"], metrics
     assert metrics["train_clips"] == 10 and metrics["eval_clips"] == 2
     for key in ("psnr_light_vs_vae_db", "psnr_light_vs_gt_db", "psnr_vae_vs_gt_db"):

@@ -5,6 +5,7 @@ import json
 
 import torch
 
+from conftest import validate_into
 from longlive.data.encode import encode_dataset
 from longlive.models.dit import WanDiT
 from longlive.models.wan_adapter import load_dit, save_dit
@@ -16,6 +17,7 @@ def test_train_ar_with_qat(tiny_preset, synth_dir, fake_encoders, tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "disabled")
     shards = str(tmp_path / "shards")
     encode_dataset(synth_dir, shards, encode_video=fake_encoders[0], encode_text=fake_encoders[1], samples_per_shard=4)
+    record = validate_into(shards, tiny_preset, tmp_path / "validate")
     preset = tiny_preset.model_copy(update={
         "quant": tiny_preset.quant.model_copy(update={"qat": True}),
         "ar": tiny_preset.ar.model_copy(update={
@@ -30,7 +32,8 @@ def test_train_ar_with_qat(tiny_preset, synth_dir, fake_encoders, tmp_path, monk
     save_dit(base, tmp_path / "base" / "dit")
     null = torch.zeros(preset.text.max_tokens, preset.text.dim)
     result = train_ar(preset, "t2v", shards_url=shards, base_dir=tmp_path / "base", out_dir=tmp_path / "out",
-                      work_dir=tmp_path / "work", plots_dir=tmp_path / "plots", null_context=null)
+                      work_dir=tmp_path / "work", plots_dir=tmp_path / "plots", null_context=null,
+                      validation_report=record)
 
     wrapped = [n for n, m in result.model.named_modules() if isinstance(m, NVFP4FakeQuantLinear)]
     assert len(wrapped) == 10 * preset.dit.num_layers, "every block linear trains through NVFP4"

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import yaml
 
 import _parallel_workers as w
-from conftest import free_port
+from conftest import free_port, validate_into
 from longlive.config import DEFAULT_PARAMS, ConfigError, ParallelConfig, load_preset
 from longlive.models.attention import block_causal_mask, teacher_forcing_mask
 from longlive.parallel import ParallelState, checkpoint as sharded, init_parallel, parallelize
@@ -186,13 +186,14 @@ def test_balanced_partition_evens_attention_flops():
 
 
 @pytest.fixture(scope="module")
-def ar_setup(synth_dir, fake_encoders, tmp_path_factory):
+def ar_setup(synth_dir, fake_encoders, tiny_preset, tmp_path_factory):
     from longlive.data.encode import encode_dataset
     from longlive.models.wan_adapter import save_dit
 
     root = tmp_path_factory.mktemp("ar_parallel")
     shards = str(root / "shards")
     encode_dataset(synth_dir, shards, encode_video=fake_encoders[0], encode_text=fake_encoders[1], samples_per_shard=4)
+    validate_into(shards, tiny_preset, root / "validate")  # run_train_ar reads root/validate/report.json
     preset = w.ar_preset()
     torch.manual_seed(0)
     base = w.WanDiT(preset.dit, in_channels=preset.vae.z_dim, text_dim=preset.text.dim)
