@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 from rich.logging import RichHandler
 
 from longlive.config import ConfigError, Preset, load_preset
+
+DEVICE_LOG_ENV = "LONGLIVE_DEVICE_LOG"  # scripts/gpu_dag.py: where each stage process appends its GPU use
 
 
 def setup(stage: str) -> Preset:
@@ -27,7 +30,19 @@ def setup(stage: str) -> Preset:
 
         torch.set_num_threads(preset.cpu_threads)  # see Preset.cpu_threads: the same bits on any CPU
     logging.getLogger(stage).info("stage %s, preset %s", stage, preset.name)
+    if os.environ.get(DEVICE_LOG_ENV):
+        atexit.register(_log_device_use, stage, os.environ[DEVICE_LOG_ENV])
     return preset
+
+
+def _log_device_use(stage: str, path: str) -> None:
+    """One JSON line per process (torchrun: per rank) at exit: did it use CUDA, and its peak memory there."""
+    from longlive.device import cuda_usage
+
+    line = json.dumps({"stage": stage, "argv": sys.argv[1:], "rank": int(os.environ.get("RANK", "0")),
+                       "pid": os.getpid(), **cuda_usage()})
+    with open(path, "a") as f:  # one short append per process: lines of concurrent ranks do not interleave
+        f.write(line + "\n")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -1,22 +1,29 @@
 """`distill_decoder`: distil the VAE decoder into the light causal decoder (``inference.decoder: light``)."""
 
+import sys
 from pathlib import Path
 
+from longlive.data.shards import ShardError
 from longlive.train.light_decoder import distill_decoder
 from stages._common import setup, write_json
+from stages.validate import REPORT as VALIDATION_REPORT
 
 
 def main() -> None:
     preset = setup("distill_decoder")
-    metrics = distill_decoder(
-        preset,
-        shards_url=preset.encode.url,
-        synth_dir=Path("data/synth"),  # the real frames: the held-out PSNRs and the small pixel term
-        base_dir=Path("models/base"),
-        out_dir=Path("models/light_decoder"),
-        work_dir=Path(".work/distill_decoder"),  # resume state for an interrupted run; outside DVC's outs
-        plots_dir=Path("reports/distill_decoder"),
-    )
+    try:
+        metrics = distill_decoder(
+            preset,
+            shards_url=preset.encode.url,
+            validation_report=VALIDATION_REPORT,  # refuses shards validate did not pass
+            synth_dir=Path("data/synth"),  # the real frames: the held-out PSNRs and the small pixel term
+            base_dir=Path("models/base"),
+            out_dir=Path("models/light_decoder"),
+            work_dir=Path(".work/distill_decoder"),  # resume state for an interrupted run; outside DVC's outs
+            plots_dir=Path("reports/distill_decoder"),
+        )
+    except ShardError as e:  # not validated, or damaged: one line naming the fix
+        sys.exit(f"distill_decoder: {e}")
     write_json("reports/distill_decoder/metrics.json", metrics)
 
 

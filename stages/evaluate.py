@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
             m = r.metrics
             print(f"{name}: score {m['score']:.3f} ± {m['score_sem']:.3f}, multi-shot {m['multishot_score']:.3f}, "
                   f"drift {m['drift_score']:.3f} (last {m['drift_last']:.3f}), {m['fps']:.1f} fps, first chunk "
-                  f"{m['first_chunk_latency_s']:.3f} s, peak {m['peak_memory_mb']:.1f} MiB ({m['info']['memory_kind']})")
+                  f"{m['first_chunk_latency_s']:.3f} s, peak {m['peak_memory_mb']:.1f} MiB ({m['info']['memory_kind']})"
+                  + (f"; whole evaluation: {m['eval_peak_allocated_mb']:.0f} MiB allocated, "
+                     f"{m['eval_peak_reserved_mb']:.0f} MiB reserved on the GPU" if "eval_peak_reserved_mb" in m else ""))
         print(f"wrote {OUT}/metrics/*.json, {OUT}/report.md and samples")
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from longlive.quant.export import quantize_student
-from longlive.train.loop import resolve_device
+from longlive.device import resolve_device
 from stages._common import setup, write_json
 
 

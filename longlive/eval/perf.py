@@ -3,7 +3,10 @@
 **Peak memory** (:class:`PeakMemory`) measures one generation and says what it measured in ``kind``:
 
 * ``cuda_max_allocated``: ``torch.cuda.max_memory_allocated`` over the run (weights, activations, KV
-  cache and the VAE on that device), the usual GPU figure.
+  cache and the VAE on that device), the usual GPU figure. Beside it, ``peak_reserved_mb`` is
+  ``torch.cuda.max_memory_reserved``: what the caching allocator held from the GPU over the same run
+  (allocated plus cached free blocks and fragmentation), the figure ``nvidia-smi`` comes close to and
+  the one that decides whether another process fits beside this one.
 * ``cpu_peak_rss_increase`` (Linux): the process's peak resident set during the run minus its resident
   set just before, i.e. the working memory of generation (activations, KV cache, decode buffers) on top
   of the loaded weights. The kernel's high-water mark is reset first (``/proc/self/clear_refs`` = 5) and
@@ -96,6 +99,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.kind = ""
         self.peak_mb: float | None = None
+        self.reserved_mb: float | None = None  # CUDA only: max_memory_reserved
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -113,11 +117,25 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / MiB
+            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / MiB
         elif self.kind == "cpu_peak_rss_increase":
             self.peak_mb = max(0, _proc_status()["VmHWM"] - self._before) / MiB
         else:
             scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
+
+
+def take_cuda_peaks(device: torch.device | str) -> dict[str, float] | None:
+    """``{"allocated": max_memory_allocated, "reserved": max_memory_reserved}`` in MiB since the last call (or the
+    last reset), then a reset, so consecutive calls give the peaks of consecutive phases; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    peaks = {"allocated": torch.cuda.max_memory_allocated(device) / MiB,
+             "reserved": torch.cuda.max_memory_reserved(device) / MiB}
+    torch.cuda.reset_peak_memory_stats(device)
+    return peaks
 
 
 def weights_mb(*modules: torch.nn.Module) -> float:
@@ -140,11 +158,15 @@ class SpeedResult:
     kv_cache_mb: float
     pixel_frames: int
     runs: int
+    peak_reserved_mb: float | None = None  # CUDA: max_memory_reserved of the same runs (median); None elsewhere
 
     def metrics(self) -> dict:
-        return {"fps": self.fps, "fps_median": self.fps_median, "first_chunk_latency_s": self.first_chunk_latency_s,
-                "first_chunk_latency_median_s": self.first_chunk_latency_median_s,
-                "peak_memory_mb": self.peak_memory_mb, "kv_cache_mb": self.kv_cache_mb}
+        m = {"fps": self.fps, "fps_median": self.fps_median, "first_chunk_latency_s": self.first_chunk_latency_s,
+             "first_chunk_latency_median_s": self.first_chunk_latency_median_s,
+             "peak_memory_mb": self.peak_memory_mb, "kv_cache_mb": self.kv_cache_mb}
+        if self.peak_reserved_mb is not None:
+            m["peak_reserved_mb"] = self.peak_reserved_mb
+        return m
 
 
 def measure_speed(generate, device: torch.device, *, runs: int = 3, warmup: int = 1) -> SpeedResult:
@@ -156,13 +178,19 @@ def measure_speed(generate, device: torch.device, *, runs: int = 3, warmup: int 
     The measurement itself (trim, reset) happens outside ``generate``'s own clock."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if torch.device(device).type == "cuda":
+        # blocks cached by earlier work would count as this generation's reserved memory; the warm-up
+        # runs reserve again what generation itself needs, outside the clock
+        torch.cuda.empty_cache()
     for _ in range(warmup):
         generate()
-    timings, peaks, kind = [], [], ""
+    timings, peaks, reserved, kind = [], [], [], ""
     for _ in range(runs):
         with PeakMemory(device) as mem:
             timings.append(generate().timings)
         peaks.append(float(mem.peak_mb))
+        if mem.reserved_mb is not None:
+            reserved.append(mem.reserved_mb)
         kind = mem.kind
     fps = [t["generated_fps"] for t in timings]
     latency = [t["first_block_latency_s"] for t in timings]
@@ -172,4 +200,5 @@ def measure_speed(generate, device: torch.device, *, runs: int = 3, warmup: int 
         peak_memory_mb=statistics.median(peaks), memory_kind=kind,
         kv_cache_mb=float(np.max([t["max_cache_bytes"] for t in timings])) / MiB,
         pixel_frames=int(timings[-1]["pixel_frames"]), runs=runs,
+        peak_reserved_mb=statistics.median(reserved) if reserved else None,
     )

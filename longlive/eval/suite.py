@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from longlive.config import EvaluateConfig, EvalVariantConfig, InferenceConfig, Preset
-from longlive.eval.perf import device_class, device_name, measure_speed, weights_mb
+from longlive.device import resolve_device
+from longlive.eval.perf import device_class, device_name, measure_speed, take_cuda_peaks, weights_mb
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
 from longlive.eval.quality import (
     clip_frames, eval_drift, eval_i2v, eval_multishot, eval_t2v, first_frame, heldout_prompts, resolve_checkpoint,
@@ -43,7 +44,7 @@ from longlive.eval.quality import (
 )
 from longlive.eval.vbench import evaluate_vbench
 from longlive.inference.generate import (
-    Models, generate_video, load_models, read_ar_config, resolve_device, with_ar_config,
+    Models, generate_video, load_models, read_ar_config, with_ar_config,
 )
 from longlive.inference.schedule import PromptSchedule
 
@@ -140,7 +141,8 @@ def evaluate_variant(
     """Run every evaluation of one variant; ``prepare(models)`` runs after loading (the stage's hook for
     wrapping the DiT, e.g. sequence parallel)."""
     t_start = time.perf_counter()
-    device = resolve_device(str(device or preset.device))
+    device = resolve_device(device or preset.device)
+    take_cuda_peaks(device)  # from here on, this variant's peaks (per phase: details["cuda_peak_mb"])
     models, vpreset, ar_config, quant = load_variant(name, variant, preset, base_dir, device)
     if prepare is not None:
         prepare(models)
@@ -152,6 +154,7 @@ def evaluate_variant(
     fps = vpreset.video.fps
     details: dict = {"kind": variant.kind, "checkpoint": variant.checkpoint, **quant,
                      "ar_config": ar_config, "inference": vpreset.inference.model_dump(), "runtime_s": {}}
+    cuda_peaks = {"load": take_cuda_peaks(device)} if device.type == "cuda" else None
     bar = tqdm(PHASES, desc=f"evaluate {name}", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
     for phase in bar:
         bar.set_postfix_str(phase)
@@ -190,6 +193,8 @@ def evaluate_variant(
                 details["vbench"] = evaluate_vbench(videos, vb.dimensions, weights=vb.weights, python=vb.python,
                                                     device=str(device), work_dir=work_dir)
         details["runtime_s"][phase] = time.perf_counter() - t0
+        if cuda_peaks is not None:
+            cuda_peaks[phase] = take_cuda_peaks(device)
         log.info("%s: %s done in %.1f s", name, phase, details["runtime_s"][phase])
     bar.close()
     total = time.perf_counter() - t_start
@@ -201,6 +206,12 @@ def evaluate_variant(
             "length_factor": cfg.length_factor}
     metrics = variant_metrics(details, variant.kind)
     metrics["weights_mb"] = weights_mb(models.dit)
+    if cuda_peaks is not None:
+        # the whole evaluation of the variant (clips, drift, VBench, ...), not just the one generation that
+        # peak_memory_mb measures: the reserved figure is what the process held from the GPU at worst
+        details["cuda_peak_mb"] = cuda_peaks
+        metrics["eval_peak_allocated_mb"] = max(p["allocated"] for p in cuda_peaks.values())
+        metrics["eval_peak_reserved_mb"] = max(p["reserved"] for p in cuda_peaks.values())
     metrics["runtime_s"] = total
     metrics["info"] = info
     curves = {phase: _curve(details[phase], fps) for phase in ("schedule", "single")}
@@ -221,6 +232,8 @@ def variant_metrics(details: dict, kind: str) -> dict:
                   f"{prefix}_last": d["last"], f"{prefix}_slope": d["slope"]})
     m.update({k: sp[k] for k in ("fps", "fps_median", "first_chunk_latency_s", "first_chunk_latency_median_s",
                                  "peak_memory_mb", "kv_cache_mb")})
+    if "peak_reserved_mb" in sp:  # CUDA only
+        m["peak_reserved_mb"] = sp["peak_reserved_mb"]
     skipped = 0
     for dim, r in details.get("vbench", {}).get("dimensions", {}).items():
         if r["status"] == "computed":
@@ -313,8 +326,17 @@ def markdown_report(report: dict) -> str:
                      f"{_pm(m, 'drift_score')} | {_f(m['drift_last'])} | {_f(m['fps'], 1)} | "
                      f"{_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | {_f(m['kv_cache_mb'], 2)} |")
     first = next(iter(report["variants"].values()))["metrics"]["info"]
-    lines += ["", f"Device: {first['device']}; memory: `{first['memory_kind']}` (see longlive/eval/perf.py).", "",
-              "## VBench", ""]
+    lines += ["", f"Device: {first['device']}; memory: `{first['memory_kind']}` (see longlive/eval/perf.py).", ""]
+    gpu = [(n, v["metrics"]) for n, v in report["variants"].items() if "eval_peak_reserved_mb" in v["metrics"]]
+    if gpu:
+        lines += ["GPU memory (MiB): one generation (the peak memory column) and the whole evaluation of the variant; "
+                  "allocated = tensors, reserved = what the caching allocator held from the GPU.", "",
+                  "| variant | generation allocated | generation reserved | evaluation allocated | evaluation reserved |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {n} | {_f(m['peak_memory_mb'], 1)} | {_f(m.get('peak_reserved_mb'), 1)} | "
+                  f"{_f(m['eval_peak_allocated_mb'], 1)} | {_f(m['eval_peak_reserved_mb'], 1)} |" for n, m in gpu]
+        lines.append("")
+    lines += ["## VBench", ""]
     for name, v in report["variants"].items():
         vb = v["details"].get("vbench")
         if not vb:

@@ -41,6 +41,16 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in its weight's dtype, returned in the input's. Under bf16 autocast an fp32 model's
+    q and k arrive in bf16, and torch's fused RMSNorm needs input and weight of one dtype: otherwise it warns and
+    takes a slower composite path. Same module, parameters and state-dict keys otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.weight.dtype if self.weight is not None else x.dtype
+        return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, dim_in: int, hidden: int, dim_out: int, act: nn.Module) -> None:
         super().__init__()
@@ -60,8 +70,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.to_out = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
         # The attention proper is a parameter-free child module (no state-dict keys), so a wrapper can
         # replace it per layer from outside: sequence parallel (``longlive.parallel``) swaps in one that
         # moves tokens and heads between ranks around it; the model itself stays parallelism-free.

@@ -168,6 +168,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     # latent statistics live in the diffusers config so save_pretrained keeps them
 
     def latent_stats(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -205,7 +209,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"video has {t} frames; the causal VAE needs 1 + {ENCODE_GROUP}k")
         if h % self.spatial_compression or w % self.spatial_compression:
             raise ValueError(f"video {h}x{w} must be a multiple of {self.spatial_compression}")
-        return self.model.encode(video.to(self.dtype)).latent_dist
+        return self.model.encode(video.to(self.device, self.dtype)).latent_dist  # frames come from the CPU loader
 
     def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Normalised latents ``(z - mean) / std``: the posterior mean, or a sample."""

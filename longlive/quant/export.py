@@ -59,6 +59,7 @@ def quantize_student(
     ar_config = json.loads(cfg_path.read_text())
     model = load_dit(student_dir / "dit", dtype=torch.float32, expect=preset.dit)
     merged = load_and_merge_adapter(model, student_dir)  # LoRA first, then quantize
+    model = model.to(device)  # quantized where it runs: the backend below is picked for this device
     bf16_bytes = weight_bytes(model, 2)
     t0 = time.perf_counter()
     backend = "emulated" if device == "cpu" else preset.quant.backend

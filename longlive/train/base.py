@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from longlive.config import Preset
 from longlive.data.synth import load_frames, read_index
 from longlive.data.video_io import frames_to_tensor
+from longlive.device import resolve_device
 from longlive.diffusion import flow
 from longlive.models.dit import WanDiT
 from longlive.models.text import build_text_encoder, load_text_encoder
@@ -43,9 +44,9 @@ def load_videos(synth_dir: str | os.PathLike) -> tuple[torch.Tensor, list[dict]]
     return torch.from_numpy(frames), index
 
 
-def _to_model_video(frames_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
-    return torch.stack([frames_to_tensor(f.numpy()) for f in frames_u8])
+def _to_model_video(frames_u8: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1] on ``device``."""
+    return torch.stack([frames_to_tensor(f.numpy()) for f in frames_u8]).to(device)
 
 
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:
@@ -58,10 +59,12 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
 def train_vae(
     preset: Preset, frames: torch.Tensor, centers: torch.Tensor, run_dir: Path
 ) -> tuple[WanVAE, list[dict]]:
-    """``frames`` uint8 (N, T, H, W, 3); ``centers`` (N, T, 2) object centres (x, y) from synth."""
+    """``frames`` uint8 (N, T, H, W, 3); ``centers`` (N, T, 2) object centres (x, y) from synth. Trains on
+    ``preset.device``; the batches are drawn on the CPU (the step generator's), so every device sees the same ones."""
     cfg = preset.base.vae
+    device = resolve_device(preset.device)
     torch.manual_seed(preset.seed)
-    vae = WanVAE(preset.vae)
+    vae = WanVAE(preset.vae).to(device)  # initialised on the CPU: the same weights on every device
     tc, sc = preset.vae.temporal_compression, preset.vae.spatial_compression
     # First frame + two groups: trains both the first-frame path and the steady state of the causal
     # cache. The VAE is fully convolutional, so half-size spatial crops train the same weights at a
@@ -83,7 +86,7 @@ def train_vae(
         y0 = (mid[:, 1] - s_crop // 2).clamp(0, h - s_crop)
         video = _to_model_video(torch.stack([
             frames[i, t0 : t0 + t_crop, y : y + s_crop, x : x + s_crop] for i, x, y in zip(idx, x0, y0)
-        ]))
+        ]), device)
         posterior = vae.encode_dist(video)
         # Deterministic autoencoder (posterior mean) with a weak KL pull: sampling with the untrained
         # posterior's unit variance drowns the latents in noise and stalls learning for hundreds of
@@ -102,7 +105,7 @@ def train_vae(
 @torch.no_grad()
 def fit_latent_stats(vae: WanVAE, frames: torch.Tensor, batch: int = 8) -> dict:
     """Per-channel mean/std of the posterior means, stored in the VAE so latents are ~N(0, 1)."""
-    zs = [vae.encode_dist(_to_model_video(frames[i : i + batch])).mean for i in range(0, len(frames), batch)]
+    zs = [vae.encode_dist(_to_model_video(frames[i : i + batch], vae.device)).mean for i in range(0, len(frames), batch)]
     z = torch.cat(zs)
     mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
     vae.set_latent_stats(mean, std)
@@ -111,7 +114,7 @@ def fit_latent_stats(vae: WanVAE, frames: torch.Tensor, batch: int = 8) -> dict:
 
 @torch.no_grad()
 def vae_psnr(vae: WanVAE, frames: torch.Tensor) -> float:
-    video = _to_model_video(frames)
+    video = _to_model_video(frames, vae.device)
     recon = vae.decode(vae.encode(video))
     mse = ((recon - video) / 2).pow(2).mean().item()
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))
@@ -120,11 +123,15 @@ def vae_psnr(vae: WanVAE, frames: torch.Tensor) -> float:
 def train_teacher(
     preset: Preset, latents: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor, run_dir: Path
 ) -> tuple[WanDiT, list[dict]]:
-    """Bidirectional flow-matching teacher on clean latents (N, C, F, h, w) and text (N, L, D)."""
+    """Bidirectional flow-matching teacher on clean latents (N, C, F, h, w) and text (N, L, D), trained on
+    ``preset.device``; data, noise and noise levels are drawn on the CPU, as in :func:`train_vae`."""
     cfg = preset.base.dit
+    device = resolve_device(preset.device)
+    latents, context, null_context = latents.cpu(), context.cpu(), null_context.cpu()
     torch.manual_seed(preset.seed)
     dit = WanDiT(preset.dit, in_channels=preset.vae.z_dim, text_dim=preset.text.dim)
     dit.init_weights(preset.seed)  # Wan's from-scratch init: zero output head, small embedders
+    dit = dit.to(device)
 
     def loss_fn(step: int, g: torch.Generator):
         idx = torch.randint(0, latents.shape[0], (cfg.batch_size,), generator=g)
@@ -133,6 +140,7 @@ def train_teacher(
         ctx[drop] = null_context
         noise = torch.randn(x0.shape, generator=g)
         sigma = flow.sample_sigmas((cfg.batch_size,), preset.base.timestep_shift, g)
+        x0, noise, sigma, ctx = (t.to(device) for t in (x0, noise, sigma, ctx))
         pred = dit(flow.add_noise(x0, noise, sigma), flow.timestep(sigma), ctx)
         return F.mse_loss(pred, flow.velocity_target(x0, noise)), {}
 
@@ -153,10 +161,11 @@ def build_tiny_base(preset: Preset, synth_dir: Path, out_dir: Path, work_dir: Pa
     stats = fit_latent_stats(vae, train_frames)
     psnr = vae_psnr(vae, eval_frames)
 
-    text = build_text_encoder(preset.text, seed=preset.seed)
+    text = build_text_encoder(preset.text, seed=preset.seed).to(vae.device)
     single = [i for i, row in enumerate(index) if len(row["shots"]) == 1 and i >= n_eval]
     with torch.no_grad():
-        latents = torch.cat([vae.encode(_to_model_video(frames[single[i : i + 8]])) for i in range(0, len(single), 8)])
+        latents = torch.cat([vae.encode(_to_model_video(frames[single[i : i + 8]], vae.device))
+                             for i in range(0, len(single), 8)])
         context, _ = text.encode([index[i]["shots"][0]["caption"] for i in single])
         null_context = text.encode([""])[0][0]
     dit, dit_hist = train_teacher(preset, latents, context, null_context, work_dir)

@@ -23,23 +23,28 @@ import torch
 from torch import Tensor
 
 from longlive.config import Preset
-from longlive.data.shards import iter_samples, read_manifest
+from longlive.data.shards import iter_shard
+from longlive.data.validate import require_validated
 from longlive.data.synth import load_frames
 from longlive.data.video_io import frames_to_tensor
+from longlive.device import resolve_device
 from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
-from longlive.train.loop import resolve_device, run_training, write_history
+from longlive.train.loop import run_training, write_history
 
 log = logging.getLogger(__name__)
 EVAL_BLOCK_FRAMES = 8  # the light decoder streams held-out clips in blocks of this many latent frames (LongLive's)
 
 
-def load_latents(shards_url: str) -> list[tuple[str, Tensor]]:
-    """``(key, latents (C, F, h, w) as stored)`` of every clip of a shard dataset, in key order."""
-    clips = [(s["__key__"], torch.from_numpy(s["latents.npy"])) for s in iter_samples(shards_url)]
+def load_latents(shards_url: str, validation_report: str | os.PathLike) -> tuple[list[tuple[str, Tensor]], dict]:
+    """``(key, latents (C, F, h, w) as stored)`` of every clip of a shard dataset, in key order, and its
+    manifest; only if ``validation_report`` (the validate stage's ``report.json``) passed that manifest."""
+    fs, root, manifest = require_validated(shards_url, validation_report)
+    clips = [(s["__key__"], torch.from_numpy(s["latents.npy"]))
+             for e in manifest["shards"] for s in iter_shard(shards_url, e, fs=fs, root=root)]
     if not clips:
         raise ValueError(f"the dataset at {shards_url} has no clips; run `dvc repro encode` first")
-    return sorted(clips, key=lambda c: c[0])
+    return sorted(clips, key=lambda c: c[0]), manifest
 
 
 def psnr(mse: float) -> float:
@@ -86,8 +91,9 @@ def distill_decoder(
     out_dir: str | os.PathLike,
     work_dir: str | os.PathLike,
     plots_dir: str | os.PathLike,
+    validation_report: str | os.PathLike,
 ) -> dict:
-    """Train the light decoder of ``preset.light_decoder``; write ``out_dir`` (its checkpoint) and
+    """Train the light decoder of ``preset.light_decoder`` on shards that ``validation_report`` passed; write ``out_dir`` (its checkpoint) and
     ``plots_dir/loss.json``; return the metrics. Resume state lives in ``work_dir`` (removed after success)."""
     cfg = preset.light_decoder
     if cfg is None or cfg.distill is None:
@@ -99,7 +105,7 @@ def distill_decoder(
     vae = WanVAE.from_pretrained(base_dir / "vae", expect=preset.vae, dtype=vae_dtype, device=device).eval()
     vae.requires_grad_(False)
 
-    clips = load_latents(shards_url)
+    clips, manifest = load_latents(shards_url, validation_report)
     if tuple(clips[0][1].shape) != preset.latent_shape:
         raise ValueError(f"shard latents are {tuple(clips[0][1].shape)}, the preset expects {preset.latent_shape}; "
                          "re-encode")
@@ -139,7 +145,6 @@ def distill_decoder(
             metrics["l1_gt"] = gt.item()
         return loss, metrics
 
-    manifest = read_manifest(shards_url)
     fingerprint = json.dumps({
         "data": hashlib.sha256("".join(e["sha256"] for e in manifest["shards"]).encode()).hexdigest()[:16],
         "vae": _file_stamp(base_dir / "vae"), "light_decoder": cfg.model_dump(exclude={"distill": {"train"}}),
