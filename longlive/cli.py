@@ -1,7 +1,12 @@
 """The ``longlive`` command: ``config`` shows a resolved preset, ``stage`` runs one DVC stage's body,
 ``generate`` streams a video, ``eval-quality`` scores a model's prompt following on a held-out prompt set,
 ``publish`` uploads a versioned release and ``pull`` downloads and verifies one, ``regress`` gates the
-evaluate stage's metrics against a committed baseline, ``bench`` measures streaming FPS with random weights."""
+evaluate stage's metrics against a committed baseline, ``bench`` measures streaming FPS with random weights.
+
+Refusals of bad input (bad arguments, missing files, impossible settings) are one line on stderr,
+``longlive <command>: <problem and fix>``, and exit 2; Ctrl-C is one line and exit 130. Anything else is a
+bug and keeps its traceback; ``--debug`` (or ``LONGLIVE_DEBUG=1``) keeps it for every error. Each
+subcommand imports its heavy dependencies (torch, diffusers, Prefect, DVC, ...) only when it runs."""
 
 from __future__ import annotations
 
@@ -12,8 +17,53 @@ import os
 import sys
 
 from longlive.config import PRESET_ENV, ConfigError, load_preset
+from longlive.secrets import redact, redact_options
 
 STAGES = ("synth", "base", "encode", "validate", "publish")
+DEBUG_ENV = "LONGLIVE_DEBUG"
+
+# Exceptions that refuse a user's input, each raised with a message naming the problem and the fix, as
+# (module, class): a class counts only if its module was imported, so this list imports nothing heavy.
+USER_ERRORS = (
+    ("longlive.errors", "UsageError"),
+    ("longlive.config", "ConfigError"),  # DeviceError is one
+    ("longlive.secrets", "SecretInParamsError"),
+    ("longlive.io", "UnsafeStateError"),
+    ("longlive.publish.manifest", "ReleaseError"),
+    ("longlive.data.shards", "ShardError"),
+    ("longlive.models.lora", "LoRAError"),
+    ("longlive.parallel.mesh", "ParallelError"),
+    ("longlive.eval.suite", "EvaluateError"),
+    ("longlive.eval.regress", "RegressError"),
+    ("pydantic", "ValidationError"),
+    ("builtins", "FileNotFoundError"),
+)
+
+
+def is_user_error(e: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
+
+
+def error_line(e: BaseException) -> str:
+    """An error's message on one line, credentials redacted (messages quote URLs and options)."""
+    if hasattr(e, "errors") and type(e).__module__.startswith("pydantic"):
+        text = "; ".join(f"{'.'.join(map(str, err['loc'])) or type(e).__name__}: {err['msg']}" for err in e.errors())
+    elif isinstance(e, FileNotFoundError) and e.filename is not None:
+        text = f"{e.strerror or 'not found'}: {e.filename}"
+    else:
+        text = str(e) or type(e).__name__
+    return redact(" ".join(text.split()))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that refuses bad arguments in one line, like every other refusal of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {redact(message)} (see {self.prog} --help)\n")
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -24,7 +74,8 @@ def _config(args: argparse.Namespace) -> int:
         return 2
     out = preset.model_dump(by_alias=True)
     out["derived"] = {"latent_shape": preset.latent_shape, "head_dim": preset.dit.head_dim}
-    print(json.dumps(out, indent=2))
+    # load_preset refuses credentials already; redact anyway, since this output lands in logs and CI
+    print(json.dumps(redact_options(out), indent=2))
     return 0
 
 
@@ -36,9 +87,15 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from longlive.inference.generate import cli_generate
+    # every check runs before torch and the models load: a typo costs a fraction of a second, not a model load
+    from longlive.inference.request import check_generate_args
 
-    return cli_generate(args)
+    request = check_generate_args(args)
+    for line in request.warnings:
+        print(f"longlive generate: warning: {redact(line)}", file=sys.stderr)
+    from longlive.inference.generate import run_request
+
+    return run_request(request)
 
 
 def _add_generate(sub) -> None:
@@ -46,9 +103,11 @@ def _add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt for the whole video")
     src.add_argument("--prompt-schedule", metavar="FILE", help="JSON/YAML list of {start|frame, prompt, shot}")
-    p.add_argument("--image", help="I2V: PNG/JPEG first frame")
-    p.add_argument("--seconds", type=float, required=True, help="video length (rounded up to whole blocks)")
-    p.add_argument("--out", required=True, help="output mp4; timings go to the same path with .json")
+    p.add_argument("--image", help="I2V: PNG/JPEG first frame (a warning if the checkpoint is T2V)")
+    p.add_argument("--seconds", type=float, required=True,
+                   help="video length (rounded up to whole blocks; at most inference.max_seconds, default 1 hour)")
+    p.add_argument("--out", required=True, help="output mp4 (missing directories are created); timings go to the "
+                   "same path with .json")
     p.add_argument("--checkpoint", help="DiT directory (default: <base>/dit); a train_ar export's ar_config.json "
                    "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift; "
                    "or a pulled release's checkpoints/NAME (base models and preset then come from the release)")
@@ -120,6 +179,9 @@ def _add_publish(sub) -> None:
     p.add_argument("--no-latest", action="store_true", help="leave latest.json as it is")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: LONGLIVE_S3_ENDPOINT / AWS_ENDPOINT_URL)")
     p.add_argument("--work-dir", default=".work/publish", help="where the folder is built before upload")
+    p.add_argument("--hub", metavar="REPO", help="then push the release to this Hugging Face model repo (owner/name; "
+                   "token from HF_TOKEN or `hf auth login`); created private, main = this release, tag = its version")
+    p.add_argument("--hub-public", action="store_true", help="create the --hub repo public (default: private)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--preset")
     p.add_argument("--params", help="path to params.yaml")
@@ -167,7 +229,9 @@ def _add_bench(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="longlive", description=__doc__)
+    parser = Parser(prog="longlive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV, "") not in ("", "0"),
+                        help=f"show the traceback of every error (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="print the resolved, validated preset as JSON")
     p.add_argument("--preset", help="preset name (default: params.yaml's `preset`)")
@@ -182,8 +246,30 @@ def main(argv: list[str] | None = None) -> int:
     _add_publish(sub)  # `publish` and `pull`
     _add_regress(sub)
     _add_bench(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    for p in sub.choices.values():  # `longlive generate --debug ...` works too; SUPPRESS keeps the global value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a refused argument (Parser.error printed its one line) or --help / --version
+        return e.code if isinstance(e.code, int) else 2
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: a refusal of its input becomes one line and exit 2, Ctrl-C one line and 130."""
+    where = f"longlive {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        print(f"{where}: {error_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_schedule_from_yaml_and_json(tmp_path):
     assert [p.prompt for p in plans] == [0, 0, 0, 1, 1, 1, 2]
     assert [p.shot for p in plans] == [0] * 6 + [1] and plans[6].new_shot and plans[3].switch
     assert eval_schedule(plans, s.prompts, 4) == [(0, s.prompts[0]), (21, s.prompts[1]), (45, s.prompts[2])]
-    with pytest.raises(ValueError, match="first schedule entry must start at 0"):
+    with pytest.raises(ValueError, match="entry 0 has start 1 s: the first entry must start at 0"):
         PromptSchedule.from_list([{"start": 1, "prompt": "x"}])
     with pytest.raises(ValueError, match="unknown keys"):
         PromptSchedule.from_list([{"start": 0, "prompt": "x", "when": 3}])
@@ -120,6 +120,28 @@ def test_async_decode_equals_sync(preset, models):
 
     assert np.array_equal(tensor_to_frames(whole[0]), a.frames)
     assert [b["block"] for b in a.timings["blocks"]] == [0, 1, 2] and all("decode_s" in b for b in a.timings["blocks"])
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_generation_leaves_the_previous_video(preset, models, tmp_path, monkeypatch, fault):
+    """Ctrl-C (or a crash) after some blocks were encoded: the error propagates, the half-written mp4 is removed,
+    and what was at --out before (an earlier video and its timings) is untouched."""
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"the previous video")
+    timings_path(out).write_text("{}")
+    real_stream = StreamingPipeline.stream
+
+    def stream(self, *args, **kwargs):
+        for block in real_stream(self, *args, **kwargs):
+            yield block
+            if block.plan.index == 2:
+                raise fault()
+
+    monkeypatch.setattr(StreamingPipeline, "stream", stream)
+    with pytest.raises(fault):
+        generate_video(models, preset, PromptSchedule.single("a red circle moves left"), latent_frames=12, out=out)
+    assert out.read_bytes() == b"the previous video" and timings_path(out).read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.json", "video.mp4"]  # no temporary file left
 
 
 # ----------------------------------------------------------------------------- CLI

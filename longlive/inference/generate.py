@@ -8,7 +8,6 @@ Models: the VAE and text encoder from the base directory (``models/base``: ``vae
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,9 +19,15 @@ import torch.nn.functional as F
 
 from longlive.config import InferenceConfig, Preset
 from longlive.data.video_io import frames_to_tensor
-from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule, latent_frame_at
-from longlive.inference.writer import BlockDecoder, Mp4Stream
+from longlive.device import resolve_device
+from longlive.errors import UsageError
+from longlive.inference.pipeline import StreamingPipeline, phase_seconds
+from longlive.inference.request import (  # noqa: F401 - AR_CONFIG_NAME .. inference_overrides: re-exported
+    AR_CONFIG_NAME, FROM_AR_CONFIG, LIGHT_DECODER_DIR, GenerateRequest, check_seconds,
+    inference_overrides, latent_frames_for, read_ar_config, read_image, timings_path, with_ar_config,
+)
+from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule
+from longlive.inference.writer import BlockDecoder, Mp4Stream, write_text_atomic
 from longlive.models.dit import WanDiT
 from longlive.models.light_decoder import DISTILL_STAGE, LightDecoder
 from longlive.models.text import TextEncoder, load_text_encoder
@@ -30,15 +35,6 @@ from longlive.models.vae import WanVAE
 from longlive.models.lora import load_and_merge_adapter
 from longlive.quant.checkpoint import is_nvfp4_checkpoint, load_nvfp4_dit
 from longlive.models.wan_adapter import load_dit
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-LIGHT_DECODER_DIR = "models/light_decoder"  # the distill_decoder stage's output
 
 
 @dataclass
@@ -90,18 +86,19 @@ def load_release_models(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[Models, Preset]:
-    """Load a release folder (``longlive pull``): the DiT of ``checkpoints/<variant>``, the VAE and text
-    encoder of ``base/``, and the preset the release was built with (unless ``preset`` is given), its
+    """Load a release folder (``longlive pull``): the DiT of checkpoint ``variant``, the release's VAE and text
+    encoder, and the preset the release was built with (unless ``preset`` is given), its
     inference settings updated from the student's ``ar_config.json``. ``release`` may also be
     ``<release>/checkpoints/<variant>``. Returns ``(models, preset)`` for :func:`generate_video`."""
     from longlive.publish import ReleaseError
     from longlive.publish.release import Release, find_release
 
     rel, named = find_release(release) or (Release.open(release), None)  # open() explains what is missing
-    checkpoint = rel.checkpoint(variant or named)
-    kind = rel.info["checkpoints"][checkpoint.name].get("kind")
+    name = rel.variant(variant or named)
+    checkpoint = rel.checkpoint(name)  # transformer/ for the diffusers pipeline's checkpoint
+    kind = rel.info["checkpoints"][name].get("kind")
     if kind != "dit":
-        raise ReleaseError(f"checkpoint {checkpoint.name} of release {rel.version} is {kind}, which load_models cannot "
+        raise ReleaseError(f"checkpoint {name} of release {rel.version} is {kind}, which load_models cannot "
                            "load yet; pick one of its DiT checkpoints (kind dit in release.json)")
     preset = preset or rel.preset()
     preset = preset.model_copy(update={"inference": with_ar_config(preset.inference, read_ar_config(checkpoint))})
@@ -110,11 +107,7 @@ def load_release_models(
 
 def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -> torch.Tensor:
     """A PNG/JPEG path or a uint8 (H, W, 3[+1]) array -> (1, 3, 1, height, width) in [-1, 1] (resized)."""
-    if not isinstance(image, np.ndarray):
-        import imageio.v3 as iio
-
-        image = iio.imread(Path(image))
-    image = np.asarray(image)
+    image = read_image(image) if not isinstance(image, np.ndarray) else np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
@@ -124,11 +117,6 @@ def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -
         x = F.interpolate(x.transpose(0, 1), size=(height, width), mode="bilinear", antialias=True,
                           align_corners=False).transpose(0, 1).clamp(-1, 1)
     return x[None]
-
-
-def timings_path(out: str | os.PathLike) -> Path:
-    """The timings JSON beside a video: ``video.mp4`` -> ``video.json``."""
-    return Path(out).with_suffix(".json")
 
 
 @dataclass
@@ -155,14 +143,22 @@ def generate_video(
     keep_latents: bool = False,
 ) -> GenerationResult:
     """Stream one video. Length: ``seconds`` at ``preset.video.fps`` or ``latent_frames``, rounded up
-    to whole blocks. ``image``: path, uint8 array or a (1, 3, 1, H, W) tensor in [-1, 1] (I2V).
-    Writes ``out`` (mp4) and its timings (:func:`timings_path`) when ``out`` is given."""
+    to whole blocks, at most ``inference.max_seconds``. ``image``: path, uint8 array or a (1, 3, 1, H, W)
+    tensor in [-1, 1] (I2V). Writes ``out`` (mp4) and its timings (:func:`timings_path`) when ``out`` is given.
+
+    Memory does not grow with the length: each block's frames go to the mp4 encoder as soon as they are
+    decoded, and only per-block timings (a few numbers) are kept -- unless ``keep_frames`` /
+    ``keep_latents`` ask for the whole video in memory."""
     cfg = inference or preset.inference
     tc, fps = preset.vae.temporal_compression, preset.video.fps
     if latent_frames is None:
-        if seconds is None or seconds <= 0:
-            raise ValueError("give seconds > 0 or latent_frames")
-        latent_frames = latent_frame_at(max(1, math.ceil(seconds * fps)), tc)  # covers the last pixel frame
+        if seconds is None:
+            raise UsageError("generate_video needs seconds or latent_frames")
+        latent_frames = latent_frames_for(check_seconds(seconds, cfg.max_seconds), fps, tc)
+    elif latent_frames < 1:
+        raise UsageError(f"latent_frames {latent_frames}: give at least 1")
+    else:
+        check_seconds((1 + tc * (latent_frames - 1)) / fps, cfg.max_seconds)
     dit, vae, text = models.dit, models.vae, models.text
     device = next(dit.parameters()).device
     pipe = StreamingPipeline(dit, cfg, device, kv_cache=preset.quant.kv_cache)
@@ -191,7 +187,9 @@ def generate_video(
 
     decoder = BlockDecoder(block_decoder_model(models, cfg), on_frames, async_decode=cfg.async_decode,
                            frames_per_call=cfg.vae_frames_per_call)
-    blocks, outputs, ok = [], [], False
+    # per block: a dict of facts and the phase marks (floats, or CUDA events read after the loop so that
+    # reading them never stalls the stream); the block's latents are not kept, so memory stays flat
+    blocks, marks, ok = [], [], False
     start = time.perf_counter()
     try:
         for block in pipe.stream(plans, contexts, (C, h, w), image_latent=image_latent,
@@ -203,22 +201,27 @@ def generate_video(
             # block's own timings are read after the loop, so reading them never stalls the stream)
             blocks.append({"block": block.plan.index, "start_latent_frame": block.plan.start,
                            "frames": block.plan.frames, "prompt": block.plan.prompt, "shot": block.plan.shot,
-                           "generated_at": time.perf_counter() - start})
-            outputs.append(block)
+                           "generated_at": time.perf_counter() - start, **block.stats})
+            marks.append(block.marks)
+            del block  # the decoder holds the latents until they are decoded; nothing here does
         decode = decoder.close()
         ok = True
     finally:
-        if not ok:
-            try:
-                decoder.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        if writer is not None:
-            writer.close(ok)
+        # on an error or Ctrl-C the mp4 is discarded (it never appears at ``out``), even if a second Ctrl-C
+        # lands while the decoder thread winds down
+        try:
+            if not ok:
+                try:
+                    decoder.close(cancel=True)  # skip the queued blocks: they would only be thrown away
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+        finally:
+            if writer is not None:
+                writer.close(ok)
     total = time.perf_counter() - start
 
-    for b, block_output in zip(blocks, outputs):
-        b.update(block_output.timings)
+    for b, m in zip(blocks, marks):
+        b.update(phase_seconds(m))
     for b, d in zip(blocks, sorted(decode, key=lambda d: d["block"])):
         b["decode_s"] = d["decode_s"]
         b["decoded_at"] = d["done_at"] - start
@@ -244,7 +247,7 @@ def generate_video(
         "blocks": blocks,
     }
     if out is not None:
-        timings_path(out).write_text(json.dumps(timings, indent=2) + "\n")
+        write_text_atomic(timings_path(out), json.dumps(timings, indent=2) + "\n")
     return GenerationResult(
         Path(out) if out is not None else None, timings, timings["schedule"],
         np.concatenate(frames_out) if keep_frames else None,
@@ -267,70 +270,15 @@ def block_decoder_model(models: Models, cfg: InferenceConfig) -> WanVAE | LightD
     return models.vae
 
 
-AR_CONFIG_NAME = "ar_config.json"  # written by train_ar beside the student's dit/ directory
-FROM_AR_CONFIG = ("block_frames", "independent_first_frame", "denoising_steps", "timestep_shift", "max_block_position")
-
-
-def read_ar_config(checkpoint: str | os.PathLike) -> dict | None:
-    """The ``ar_config.json`` of a train_ar export (in the checkpoint directory or its parent), if any."""
-    for d in (Path(checkpoint), Path(checkpoint).parent):
-        if (d / AR_CONFIG_NAME).is_file():
-            return json.loads((d / AR_CONFIG_NAME).read_text())
-    return None
-
-
-def with_ar_config(cfg: InferenceConfig, ar_config: dict | None) -> InferenceConfig:
-    """The student's training layout and step list (block size, first frame, steps, shift) win over the preset's."""
-    if not ar_config:
-        return cfg
-    return InferenceConfig.model_validate({**cfg.model_dump(), **{k: ar_config[k] for k in FROM_AR_CONFIG if k in ar_config}})
-
-
-def inference_overrides(cfg: InferenceConfig, pairs: list[str]) -> InferenceConfig:
-    """Apply ``KEY=VALUE`` overrides (values parsed as YAML) and re-validate."""
-    import yaml
-
-    updates = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in InferenceConfig.model_fields:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(InferenceConfig.model_fields)}")
-        updates[key] = yaml.safe_load(value)
-    return InferenceConfig.model_validate({**cfg.model_dump(), **updates})
-
-
-def cli_generate(args) -> int:
-    """The body of ``longlive generate`` (see ``longlive generate --help``)."""
-    import sys
-
-    from pydantic import ValidationError
-
-    from longlive.config import ConfigError, load_preset
-    from longlive.publish import ReleaseError, find_release
-
-    try:
-        base, checkpoint, release = args.base, args.checkpoint, None
-        found = find_release(args.checkpoint) if args.checkpoint else None
-        if found is not None:  # a release folder: its base models and DiT, and its preset unless --preset/--params
-            release, variant = found
-            base, checkpoint = release.base, release.checkpoint(variant)
-        use_release_preset = release is not None and not (args.preset or args.params)
-        preset = release.preset() if use_release_preset else load_preset(args.preset, args.params)
-        ar_config = read_ar_config(checkpoint) if checkpoint else None
-        cfg = inference_overrides(with_ar_config(preset.inference, ar_config), args.set)
-        schedule = PromptSchedule.single(args.prompt) if args.prompt else PromptSchedule.load(args.prompt_schedule)
-    except (ConfigError, ValidationError, ValueError, FileNotFoundError, ReleaseError) as e:
-        print(f"longlive generate: {e}", file=sys.stderr)
-        return 2
-    if ar_config and ar_config.get("i2v") and not args.image:
-        print("longlive generate: warning: this student was trained for I2V; pass --image", file=sys.stderr)
-    device = resolve_device(args.device or preset.device)
+def run_request(request: GenerateRequest) -> int:
+    """The body of ``longlive generate`` once :func:`~longlive.inference.request.check_generate_args` has
+    passed: load the models, stream the video and say where it went."""
+    device = resolve_device(request.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    preset = preset.model_copy(update={"inference": cfg})
-    models = load_models(preset, base, checkpoint, device=device, dtype=dtype)
-    result = generate_video(models, preset, schedule, seconds=args.seconds, out=args.out, image=args.image,
-                            seed=args.seed)
+    models = load_models(request.preset, request.base, request.checkpoint, device=device, dtype=dtype)
+    result = generate_video(models, request.preset, request.schedule, seconds=request.seconds, out=request.out,
+                            image=request.image, seed=request.seed)
     t = result.timings
-    print(f"wrote {args.out} ({t['pixel_frames']} frames, {t['generated_fps']:.2f} fps generated, "
-          f"first block after {t['first_block_latency_s']:.2f} s) and {timings_path(args.out)}")
+    print(f"wrote {request.out} ({t['pixel_frames']} frames, {t['generated_fps']:.2f} fps generated, "
+          f"first block after {t['first_block_latency_s']:.2f} s) and {timings_path(request.out)}")
     return 0

@@ -63,6 +63,11 @@ def _seconds(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> 
     return start.elapsed_time(end) / 1000.0
 
 
+def phase_seconds(marks: dict) -> dict:
+    """``{phase}_s`` seconds from ``{phase: (start, end)}`` marks (on CUDA: waits for each end event)."""
+    return {f"{phase}_s": _seconds(a, b) for phase, (a, b) in marks.items()}
+
+
 @dataclass
 class BlockOutput:
     plan: BlockPlan
@@ -74,7 +79,7 @@ class BlockOutput:
     def timings(self) -> dict:
         """``{phase}_s`` seconds of GPU (or host) time per phase, plus ``stats``. On CUDA the first read
         waits for the block's work to finish: read it after the loop, or when the frames are needed anyway."""
-        return {**{f"{phase}_s": _seconds(a, b) for phase, (a, b) in self.marks.items()}, **self.stats}
+        return {**phase_seconds(self.marks), **self.stats}
 
 
 class StreamingPipeline:

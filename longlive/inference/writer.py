@@ -30,6 +30,19 @@ from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 class Mp4Stream:
     """An H.264 mp4 written frame by frame; it appears at ``path`` only when closed without error."""
 
@@ -52,8 +65,15 @@ class Mp4Stream:
         self.frames += len(frames)
 
     def close(self, ok: bool = True) -> None:
+        """``ok``: finish the file and move it to ``path``; otherwise (an error, Ctrl-C) discard it, so a
+        partial video never sits at ``path`` looking complete."""
         try:
-            self._writer.close()
+            try:
+                self._writer.close()  # waits for ffmpeg to finish the file
+            except Exception:
+                if ok:
+                    raise
+                # discarding anyway: ffmpeg may already be gone; the caller's error is the one to report
             if ok:
                 os.replace(self.tmp, self.path)
         finally:
@@ -92,6 +112,7 @@ class BlockDecoder:
         self.on_frames, self.async_decode = on_frames, async_decode
         self.timings: list[dict] = []
         self._error: BaseException | None = None
+        self._cancelled = False  # set by close(cancel=True): queued blocks are dropped, not decoded
         self._host: torch.Tensor | None = None  # pinned uint8 frames of the last block (CUDA)
         self._stream = torch.cuda.Stream(self.device) if async_decode and self.device.type == "cuda" else None
         if async_decode:
@@ -123,7 +144,7 @@ class BlockDecoder:
             if item is None:
                 return
             index, latents, event = item
-            if self._error is not None:
+            if self._error is not None or self._cancelled:
                 continue  # drain: the error is raised in the caller
             try:
                 if self._stream is not None:
@@ -135,6 +156,7 @@ class BlockDecoder:
                     self._decode(index, latents)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self._error = e
+            del item, latents, event  # not held while waiting for the next block
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -153,7 +175,10 @@ class BlockDecoder:
                 latents.record_stream(self._stream)  # keep its memory alive for the worker's stream
         self._queue.put((index, latents, event))
 
-    def close(self) -> list[dict]:
+    def close(self, cancel: bool = False) -> list[dict]:
+        """Wait for the queued blocks (``cancel``: drop them; the caller failed or was interrupted) and return
+        the timings."""
+        self._cancelled = cancel
         if self.async_decode and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
