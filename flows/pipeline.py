@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-STAGES = ["synth", "base", "encode", "validate", "distill_decoder", "train_ar", "train_dmd", "train_qat", "quantize", "evaluate", "publish"]
+STAGES = ["synth", "ingest", "base", "encode", "validate", "distill_decoder", "train_ar", "train_dmd", "train_qat", "quantize", "evaluate", "publish"]
 
 
 def _flatten(d: dict, prefix: str = "") -> list[dict]:

@@ -243,6 +243,34 @@ class EncodeConfig(_Strict):
     _check_url = field_validator("url")(_no_credentials)
 
 
+class DataConfig(_Strict):
+    """Where the training clips come from: ``synth`` (the shapes domain the synth stage draws) or the user's own
+    videos, which the ``ingest`` stage decodes and clips (``longlive.data.ingest``; README, "Your own videos")."""
+
+    source: str = Field(default="synth", min_length=1, description="synth, or a folder / fsspec URL (s3://bucket/videos) "
+                        "of mp4/webm/mov/mkv files and video webdataset tars")
+    captions: str | None = Field(default=None, description="caption manifest (.jsonl or .csv, a path or URL); null: a .txt "
+                                 "beside each video (webdataset samples carry their own txt/json)")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: ...}; "
+                                  "credentials come from the environment")
+    clip_stride: StrictFloat | None = Field(default=None, gt=0, description="seconds between clip starts; null: back to back")
+    max_clips_per_video: StrictInt = Field(default=8, ge=1)
+    scene_detect: StrictBool = Field(default=True, description="find cuts with PySceneDetect where the manifest gives no shots")
+    scene_threshold: StrictFloat = Field(default=27.0, gt=0, description="ContentDetector threshold (its default)")
+    max_upscale: StrictFloat = Field(default=1.0, ge=1.0, description="1: a video smaller than the frame is rejected")
+    black_level: StrictFloat = Field(default=12.0, ge=0, description="a clip whose mean luma (0-255) is lower is black")
+    static_level: StrictFloat = Field(default=0.5, ge=0, description="a clip whose mean frame difference (0-255) is lower is static")
+    ray_address: str | None = Field(default=None, description="a Ray cluster to run on; null: $RAY_ADDRESS, else a local Ray")
+    num_cpus: StrictInt = Field(default=2, ge=1, description="CPUs of the local Ray (ignored on a cluster)")
+    workers: StrictInt | None = Field(default=None, ge=1, description="videos decoded at once; null: one per Ray CPU")
+
+    _check_credentials = field_validator("source", "captions", "storage_options", "ray_address")(_no_credentials)
+
+    @property
+    def is_synth(self) -> bool:
+        return self.source == "synth"
+
+
 class ValidateConfig(_Strict):
     latent_mean_abs_max: StrictFloat = Field(gt=0)
     latent_std_min: StrictFloat = Field(gt=0)
@@ -678,6 +706,7 @@ class Preset(_Strict):
     text: TextConfig
     dit: DiTConfig
     synth: SynthConfig
+    data: DataConfig = DataConfig()
     base: BaseConfig
     encode: EncodeConfig
     validate_: ValidateConfig = Field(alias="validate")

@@ -24,13 +24,18 @@ from longlive.models.vae import WanVAE
 from longlive.secrets import redact_url
 from stages._common import setup, write_json
 
-SYNTH, BASE, OUT = Path("data/synth"), Path("models/base"), Path("data/encoded")
+SYNTH, INGEST, BASE, OUT = Path("data/synth"), Path("data/ingest"), Path("models/base"), Path("data/encoded")
 log = logging.getLogger("encode")
+
+
+def clips_dir(preset) -> Path:
+    """synth's clips, or ingest's when data.source names the user's videos (the same format)."""
+    return SYNTH if preset.data.is_synth else INGEST
 
 
 def inputs_fingerprint(preset) -> str:
     h = hashlib.sha256(preset.encode.model_dump_json().encode())
-    for path in [SYNTH / "index.jsonl", *sorted((BASE / "vae").glob("*")), *sorted((BASE / "text").glob("*"))]:
+    for path in [clips_dir(preset) / "index.jsonl", *sorted((BASE / "vae").glob("*")), *sorted((BASE / "text").glob("*"))]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -55,7 +60,7 @@ def main() -> None:
         return text.encode(captions)[0]
 
     try:
-        stats = encode_dataset(SYNTH, url, encode_video=encode_video, encode_text=encode_text,
+        stats = encode_dataset(clips_dir(preset), url, encode_video=encode_video, encode_text=encode_text,
                                samples_per_shard=preset.encode.samples_per_shard, fingerprint=fingerprint)
     except ShardError as e:  # a url holding files encode did not write, or unreachable: one line naming the fix
         sys.exit(f"encode: {e}")
