@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import fp8_attention as kern  # noqa: E402
-from kernels import fp8_attention_ref as ref  # noqa: E402
+from longlive_kernels import fp8_attention as kern  # noqa: E402
+from longlive_kernels import fp8_attention_ref as ref  # noqa: E402
 
 SHAPES = {"704x1280": (7040, 28160), "480x832": (3120, 12480)}
 HEADS, HEAD_DIM = 24, 128
@@ -147,9 +147,9 @@ def ours_rows(sq: int, sk: int, sweep: bool = True) -> tuple[list[dict], dict]:
 
 def cudnn_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
     """cuDNN's FP8 attention on the pipeline's layout (q (B, S, H, D), k / v views of a cache buffer)."""
-    from kernels import fp8_sdpa as cud
-    from kernels import fp8_sdpa_ref
-    from kernels.fp8_quant import quantize_tensor
+    from longlive_kernels import fp8_sdpa as cud
+    from longlive_kernels import fp8_sdpa_ref
+    from longlive_kernels.fp8_quant import quantize_tensor
 
     g = torch.Generator(device="cuda").manual_seed(1)
     dt = torch.bfloat16

@@ -50,13 +50,13 @@ def rope_freqs_1d(D: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tens
 
 def pack(x: torch.Tensor, capacity: int):
     """(B, n, H, D) -> packed / scales / global views of n tokens in cache buffers of ``capacity`` rows."""
-    from kernels import nvfp4_quant_ref
+    from longlive_kernels import nvfp4_quant_ref
 
     B, n, H, D = x.shape
     rows = x.reshape(B * n, H * D)
     g, inv_g = nvfp4_quant_ref.global_scale(rows, per_row=True)
     if x.is_cuda:
-        from kernels.nvfp4_quant import quantize_rows  # bit-identical to the reference, faster
+        from longlive_kernels.nvfp4_quant import quantize_rows  # bit-identical to the reference, faster
     else:
         quantize_rows = nvfp4_quant_ref.quantize_rows
     p, s = quantize_rows(rows, g, inv_g)
@@ -119,15 +119,15 @@ def traffic_bytes(n: int, S: int, C: int, elt: int) -> dict[str, int]:
 
 
 def run(sizes: dict, device: str, reps: int, warmup: int) -> dict:
-    from kernels.nvfp4_attention import _kernel, nvfp4_attention
-    from kernels.nvfp4_attention_ref import dequantize_tokens
-    from kernels.nvfp4_attention_ref import nvfp4_attention as nvfp4_attention_ref
+    from longlive_kernels.nvfp4_attention import _kernel, nvfp4_attention
+    from longlive_kernels.nvfp4_attention_ref import dequantize_tokens
+    from longlive_kernels.nvfp4_attention_ref import nvfp4_attention as nvfp4_attention_ref
 
     cuda = device == "cuda"
     if cuda:
-        from kernels.rope import apply_rope
+        from longlive_kernels.rope import apply_rope
     else:
-        from kernels.rope_ref import apply_rope
+        from longlive_kernels.rope_ref import apply_rope
     dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter mis-computes bf16 dots
     B, H, D, frame = sizes["B"], sizes["H"], sizes["D"], sizes["frame"]
     S, n = sizes["frames_new"] * frame, sizes["frames_cached"] * frame

@@ -88,9 +88,9 @@ def check_small_shapes() -> list[dict]:
 
 
 def run_shape(K: int, N: int, M: int) -> dict:
-    from kernels.nvfp4_gemm import _kernel, nvfp4_gemm
-    from kernels.nvfp4_quant import quantize_rows
-    from kernels.nvfp4_quant_ref import global_scale
+    from longlive_kernels.nvfp4_gemm import _kernel, nvfp4_gemm
+    from longlive_kernels.nvfp4_quant import quantize_rows
+    from longlive_kernels.nvfp4_quant_ref import global_scale
 
     lin, tri, emu = make_layers(K, N, seed=K + N)
     g = torch.Generator(device="cuda").manual_seed(M)

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_attention_ref import P_SHIFT, channel_amax, key_mean
-from kernels.fp8_quant import _e4m3_bits
-from kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
+from longlive_kernels.fp8_attention_ref import P_SHIFT, channel_amax, key_mean
+from longlive_kernels.fp8_quant import _e4m3_bits
+from longlive_kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
 
 LOG2E = 1.4426950408889634
 

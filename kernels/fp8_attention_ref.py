@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
+from longlive_kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
 
 P_SHIFT = 256.0  # P in [0, 1] is stored as e4m3(P * 256): normal E4M3 down to 2**-14, and the x256 is exact
 INT8_MAX = 127.0

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
+from longlive_kernels.fp8_quant_ref import AMAX_MIN, E4M3_MAX
 
 
 @triton.jit

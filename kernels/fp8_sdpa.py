@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.fp8_quant import quantize_tensor
-from kernels.fp8_sdpa_ref import SCALE_S
+from longlive_kernels.fp8_quant import quantize_tensor
+from longlive_kernels.fp8_sdpa_ref import SCALE_S
 
 log = logging.getLogger(__name__)
 

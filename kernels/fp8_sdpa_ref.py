@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.fp8_quant_ref import E4M3_MAX, quantize_tensor
+from longlive_kernels.fp8_quant_ref import E4M3_MAX, quantize_tensor
 
 SCALE_S = E4M3_MAX  # P in [0, 1] is stored as e4m3(P * 448): its max code is P = 1
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nvfp4_gemm import _e2m1_to_f16
+from longlive_kernels.nvfp4_gemm import _e2m1_to_f16
 
 BLOCK = 16
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.nvfp4_quant_ref import dequantize_rows
-from kernels.rope_ref import apply_rope
+from longlive_kernels.nvfp4_quant_ref import dequantize_rows
+from longlive_kernels.rope_ref import apply_rope
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -126,7 +126,7 @@ def nvfp4_gemm(
 
     W: packed codes (N, K/2) uint8, block scales (N, K/16) float8_e4m3fn, one-element float32 global.
     A: the same three (M, K/2), (M, K/16), global; or ``a`` float16 (M, K) holding
-    ``code * block_scale * 2**-14`` (``kernels.nvfp4_quant.quantize_rows(..., dequantized=True)``),
+    ``code * block_scale * 2**-14`` (``longlive_kernels.nvfp4_quant.quantize_rows(..., dequantized=True)``),
     ``a_scales`` None, and its global.
     """
     N, KP = w_packed.shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.nvfp4_quant_ref import dequantize_rows
+from longlive_kernels.nvfp4_quant_ref import dequantize_rows
 
 
 def nvfp4_gemm(

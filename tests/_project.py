@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ["longlive", "stages", "flows", "kernels", "dvc.yaml"]
+COPIED = ["longlive", "longlive_kernels", "stages", "flows", "kernels", "dvc.yaml"]
 
 
 def fast_tiny(preset: dict) -> dict:

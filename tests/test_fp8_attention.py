@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_attention_ref as ref
+from longlive_kernels import fp8_attention_ref as ref
 from longlive.inference import fast
 from longlive.kernels_dispatch import interpret_on_cpu
 from longlive.models.attention import KVCache
@@ -105,7 +105,7 @@ def test_smoothing_makes_a_shared_key_offset_free():
 
 @needs_interpreter
 def test_kernel_quantizers_equal_the_reference_bit_for_bit():
-    from kernels import fp8_attention as kern
+    from longlive_kernels import fp8_attention as kern
 
     x = randn(2, 37, 3, 32, seed=4) + 3 * randn(32, seed=5)
     x[0, 5] = 0.0  # an all-zero token row: the floored amax, no 0/0
@@ -119,7 +119,7 @@ def test_kernel_quantizers_equal_the_reference_bit_for_bit():
 @needs_interpreter
 @pytest.mark.parametrize("shape", [(2, 40, 70, 3, 32), (1, 33, 130, 2, 16), (1, 16, 32, 1, 64)])
 def test_kernel_against_reference(shape):
-    from kernels.fp8_attention import fp8_attention
+    from longlive_kernels.fp8_attention import fp8_attention
 
     q, k, v = qkv(*shape)
     out, expected = fp8_attention(q, k, v), ref.fp8_attention(q, k, v)
@@ -130,7 +130,7 @@ def test_kernel_against_reference(shape):
 @needs_interpreter
 def test_kernel_reads_strided_cache_views():
     """q transposed from (B, H, S, D) and k / v as views of a larger (B, capacity, H, D) buffer, as the cache's."""
-    from kernels.fp8_attention import fp8_attention
+    from longlive_kernels.fp8_attention import fp8_attention
 
     B, Sq, Sk, H, D = 2, 20, 50, 2, 32
     q = randn(B, H, Sq, D, seed=1).transpose(1, 2)
@@ -143,7 +143,7 @@ def test_kernel_reads_strided_cache_views():
 
 
 def test_bad_inputs_are_named():
-    from kernels.fp8_attention import fp8_attention
+    from longlive_kernels.fp8_attention import fp8_attention
 
     q, k, v = qkv(1, 8, 8, 2, 24)
     with pytest.raises(ValueError, match="power of 2"):
@@ -188,7 +188,7 @@ def test_fused_core_updates_the_cache_as_the_plain_core():
 
 @needs_interpreter
 def test_fused_core_runs_the_kernel_in_the_interpreter():
-    from kernels.fp8_attention import fp8_attention
+    from longlive_kernels.fp8_attention import fp8_attention
 
     q, k, v, rope = _core_inputs()
     core = fast.FusedAttentionCore(fp8_attention=True)
@@ -214,7 +214,7 @@ def test_optimize_installs_fp8_attention_on_self_attention_only():
 def test_kernel_on_gpu_at_wan_shape():
     """Wan2.2-5B's steady block in bf16 (7040 queries over 28160 keys, 24 heads of 128; a quarter of the
     heads to keep it quick): codes bit-exact, kernel vs reference and vs exact attention as on the CPU."""
-    from kernels import fp8_attention as kern
+    from longlive_kernels import fp8_attention as kern
 
     q, k, v = qkv(1, 7040, 28160, 6, 128, device="cuda", dtype=torch.bfloat16)
     for name in ("q", "k", "v"):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_quant_ref, fp8_sdpa_ref as ref
+from longlive_kernels import fp8_quant_ref, fp8_sdpa_ref as ref
 from longlive.inference import fast
 from longlive.models.attention import KVCache
 from longlive.models.dit import AttentionCore
@@ -33,7 +33,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="runs the kernel 
 def _cudnn_ready() -> bool:
     if not torch.cuda.is_available():
         return False
-    from kernels.fp8_sdpa import unavailable_reason
+    from longlive_kernels.fp8_sdpa import unavailable_reason
 
     return unavailable_reason() is None
 
@@ -81,7 +81,7 @@ def test_reference_quantizer_is_per_tensor_e4m3():
 
 @needs_interpreter
 def test_tensor_quantizer_kernel_equals_the_reference_bit_for_bit():
-    from kernels.fp8_quant import quantize_tensor
+    from longlive_kernels.fp8_quant import quantize_tensor
 
     buf = randn(2, 50, 3, 16, seed=4) * 7
     cases = [buf[:, 3:40], randn(1, 37, 40, seed=5), torch.zeros(1, 6, 2, 16), randn(2, 9, 3, 16, seed=6).transpose(1, 2)]
@@ -93,7 +93,7 @@ def test_tensor_quantizer_kernel_equals_the_reference_bit_for_bit():
 
 
 def test_tensor_quantizer_refuses_other_ranks():
-    from kernels.fp8_quant import quantize_tensor
+    from longlive_kernels.fp8_quant import quantize_tensor
 
     with pytest.raises(ValueError, match=r"\(B, S, C\) or \(B, S, H, D\)"):
         quantize_tensor(torch.zeros(4, 4))
@@ -136,7 +136,7 @@ def test_fp8_attention_modes_in_config_and_optimize():
 
 
 def test_unavailable_reason_names_what_is_missing():
-    from kernels.fp8_sdpa import unavailable_reason
+    from longlive_kernels.fp8_sdpa import unavailable_reason
 
     if not torch.cuda.is_available():
         assert unavailable_reason() == "no CUDA device"
@@ -146,7 +146,7 @@ def test_unavailable_reason_names_what_is_missing():
 @needs_cudnn_fp8
 @pytest.mark.parametrize("shape", [(1, 200, 700, 4, 128), (2, 64, 129, 3, 64)])
 def test_cudnn_against_reference(shape):
-    from kernels.fp8_sdpa import fp8_sdpa
+    from longlive_kernels.fp8_sdpa import fp8_sdpa
 
     q, k, v = qkv(*shape, device="cuda", dtype=torch.bfloat16)
     out = fp8_sdpa(q, k, v)
@@ -165,8 +165,8 @@ def test_cudnn_at_wan_shape_on_cache_views():
     differed by 12% while each is a few percent from float32 (random inputs: 6.0% and 5.4%,
     benchmarks/results/fp8_attention_h200.md). So both are held against float32: the kernel's error within
     WAN_RATIO of the reference's (a wrong scale, tile or layout costs O(1))."""
-    from kernels.fp8_quant import quantize_tensor
-    from kernels.fp8_sdpa import fp8_sdpa
+    from longlive_kernels.fp8_quant import quantize_tensor
+    from longlive_kernels.fp8_sdpa import fp8_sdpa
 
     q, k, v = qkv(1, 7040, 28160 + 500, 6, 128, device="cuda", dtype=torch.bfloat16)
     k, v = k[:, 100:100 + 28160], v[:, 100:100 + 28160]

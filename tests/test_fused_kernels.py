@@ -17,7 +17,7 @@ import torch
 
 import torch.nn.functional as F
 
-from kernels import adaln, adaln_ref, channel_rmsnorm, channel_rmsnorm_ref, fp8_quant, fp8_quant_ref, rope, rope_ref
+from longlive_kernels import adaln, adaln_ref, channel_rmsnorm, channel_rmsnorm_ref, fp8_quant, fp8_quant_ref, rope, rope_ref
 from longlive.models import rope as model_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

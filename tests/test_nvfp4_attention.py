@@ -19,9 +19,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from kernels import nvfp4_attention_ref
-from kernels.nvfp4_quant_ref import global_scale, quantize_rows
-from kernels.rope_ref import apply_rope
+from longlive_kernels import nvfp4_attention_ref
+from longlive_kernels.nvfp4_quant_ref import global_scale, quantize_rows
+from longlive_kernels.rope_ref import apply_rope
 from longlive.inference import fast
 from longlive.kernels_dispatch import ENV, interpret_on_cpu
 from longlive.models.attention import KVCache
@@ -99,7 +99,7 @@ def test_reference_is_the_model_path(held_frames, write):
 @pytest.mark.parametrize("n", [0, 5, 37])
 @pytest.mark.parametrize("Sq", [8, 20])
 def test_kernel_matches_reference(D, n, Sq):
-    from kernels import nvfp4_attention
+    from longlive_kernels import nvfp4_attention
 
     B, H, Sn = 2, 2, 8
     q = randn(B, Sq, H, D, seed=1)
@@ -118,7 +118,7 @@ def test_kernel_matches_reference(D, n, Sq):
 @pytest.mark.parametrize("D", [16, 48])
 def test_kernel_pads_head_dims_that_are_not_a_power_of_two(D):
     """head_dim / 2 padded to the next power of 2 (and to the 16 tl.dot needs)."""
-    from kernels import nvfp4_attention
+    from longlive_kernels import nvfp4_attention
 
     B, H, Sn, n = 1, 3, 5, 9
     q, k, v = (randn(B, Sn, H, D, seed=i) for i in range(3))
@@ -131,7 +131,7 @@ def test_kernel_pads_head_dims_that_are_not_a_power_of_two(D):
 
 @needs_interpreter
 def test_kernel_rejects_bad_inputs():
-    from kernels import nvfp4_attention
+    from longlive_kernels import nvfp4_attention
 
     q = randn(1, 4, 2, 32)
     cos, sin = rope_freqs(32, torch.arange(4), 1, 1)
@@ -168,7 +168,7 @@ def test_fast_core_on_cpu_is_the_plain_path(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("held_frames", [0, 3])
 def test_fast_core_runs_the_kernel_and_writes_the_same_cache(held_frames, monkeypatch):
-    import kernels.nvfp4_attention as kernel
+    import longlive_kernels.nvfp4_attention as kernel
 
     calls = []
     real = kernel.nvfp4_attention
@@ -191,7 +191,7 @@ def test_fast_core_runs_the_kernel_and_writes_the_same_cache(held_frames, monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernel_on_gpu_at_wan22_5b_shape():
     """24 heads x 128, a block of 8 frames x 880 tokens against 24 cached frames, bf16."""
-    from kernels import nvfp4_attention
+    from longlive_kernels import nvfp4_attention
 
     B, H, D, Sq, n = 1, 24, 128, 8 * 880, 24 * 880  # 880 tokens per latent frame
     dev = "cuda"

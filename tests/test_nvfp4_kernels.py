@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from kernels import nvfp4_gemm, nvfp4_gemm_ref, nvfp4_quant, nvfp4_quant_ref
+from longlive_kernels import nvfp4_gemm, nvfp4_gemm_ref, nvfp4_quant, nvfp4_quant_ref
 from longlive.quant.nvfp4 import quantize
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it when there is no GPU

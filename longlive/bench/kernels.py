@@ -15,7 +15,7 @@ from longlive.bench.shapes import BenchShape, bench_ms, max_rel, rel_err
 def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
     """Each kernel of ``kernels/`` against its reference (errors, both timed, bandwidth); the FP8 GEMM path
     against its float32 emulation and the bf16 linear. CUDA only (the caller skips it elsewhere)."""
-    from kernels import (
+    from longlive_kernels import (
         adaln, adaln_ref, channel_rmsnorm, channel_rmsnorm_ref, fp8_quant, fp8_quant_ref, rope, rope_ref,
     )
     from longlive.models.rope import rope_freqs
@@ -123,7 +123,7 @@ def ceiling(shape: BenchShape, device: torch.device, fp8: bool, steps: list[int]
         w = torch.randn(N, K, device=device, generator=g, dtype=dt) * K**-0.5
         if not fp8:
             return bench_ms(lambda: F.linear(a, w), device)
-        from kernels.fp8_quant_ref import quantize_rows
+        from longlive_kernels.fp8_quant_ref import quantize_rows
 
         qa, sa = quantize_rows(a)
         qw, sw = quantize_rows(w)

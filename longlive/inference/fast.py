@@ -49,7 +49,7 @@ class FusedModulate(Modulate):
     def forward(self, norm: nn.Module, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
         affine_ok = (norm.weight is None) == (norm.bias is None) if isinstance(norm, LayerNorm32) else False
         if affine_ok and use_kernel(x):
-            from kernels.adaln import layernorm_modulate
+            from longlive_kernels.adaln import layernorm_modulate
 
             return layernorm_modulate(x, scale, shift, weight=norm.weight, bias=norm.bias, eps=norm.eps)
         return super().forward(norm, x, scale, shift)
@@ -60,7 +60,7 @@ class FusedGatedResidual(GatedResidual):
 
     def forward(self, x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
         if use_kernel(x, h):
-            from kernels.adaln import gated_residual
+            from longlive_kernels.adaln import gated_residual
 
             return gated_residual(x, h, gate)
         return super().forward(x, h, gate)
@@ -92,7 +92,7 @@ class FusedAttentionCore(AttentionCore):
                 layer: int = 0) -> Tensor:
         update_packed = getattr(getattr(kv_cache, "storage", None), "update_packed", None)
         if self.nvfp4_attention and update_packed is not None and mask is None and rope is not None and use_kernel(q, k, v):
-            from kernels.nvfp4_attention import nvfp4_attention
+            from longlive_kernels.nvfp4_attention import nvfp4_attention
 
             k_held, v_held = update_packed(layer, k, v, write=kv_cache.write) or (None, None)
             return nvfp4_attention(self.rotate(q, *rope), k_held, v_held, k, v, *(key_rope or rope))
@@ -103,20 +103,20 @@ class FusedAttentionCore(AttentionCore):
                 q, k = self.rotate(q, *rope), self.rotate(k, *(key_rope or rope))
             if self.fp8_attention == "cudnn":
                 if q.is_cuda and use_kernel(q, k, v):
-                    from kernels.fp8_sdpa import fp8_sdpa
+                    from longlive_kernels.fp8_sdpa import fp8_sdpa
                 else:
-                    from kernels.fp8_sdpa_ref import fp8_sdpa
+                    from longlive_kernels.fp8_sdpa_ref import fp8_sdpa
                 return fp8_sdpa(q, k, v)
             if use_kernel(q, k, v):
-                from kernels.fp8_attention import fp8_attention
+                from longlive_kernels.fp8_attention import fp8_attention
             else:
-                from kernels.fp8_attention_ref import fp8_attention
+                from longlive_kernels.fp8_attention_ref import fp8_attention
             return fp8_attention(q, k, v)
         return super().forward(q, k, v, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if use_kernel(x, cos):
-            from kernels.rope import apply_rope
+            from longlive_kernels.rope import apply_rope
 
             return apply_rope(x, cos, sin)
         return super().rotate(x, cos, sin)
@@ -242,7 +242,7 @@ def optimize(dit: WanDiT, *, kernels: bool = True, compile: bool = False, fp8: b
     if kernels and fp8_attention == "cudnn":
         device = next(dit.parameters()).device
         if device.type == "cuda" and use_kernel(torch.empty(0, device=device)):
-            from kernels.fp8_sdpa import unavailable_reason
+            from longlive_kernels.fp8_sdpa import unavailable_reason
 
             reason = unavailable_reason(device)
             if reason is not None:

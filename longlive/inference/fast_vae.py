@@ -25,7 +25,7 @@ class FusedWanRMSNorm(WanRMS_norm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channel_first and use_kernel(x):
-            from kernels.channel_rmsnorm import rms_norm
+            from longlive_kernels.channel_rmsnorm import rms_norm
 
             return rms_norm(x, self.gamma, self.bias, silu=self.silu)
         y = super().forward(x)

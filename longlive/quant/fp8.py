@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import fp8_quant_ref
+from longlive_kernels import fp8_quant_ref
 from longlive.kernels_dispatch import use_kernel
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def fp8_gemm_available(device: torch.device | str | None = None) -> bool:
 def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
     """(R, K) -> E4M3 codes (R, K) and float32 scales (R, 1): the Triton kernel where it runs, else the reference."""
     if use_kernel(x2d):
-        from kernels.fp8_quant import quantize_rows as kernel
+        from longlive_kernels.fp8_quant import quantize_rows as kernel
 
         return kernel(x2d)
     return fp8_quant_ref.quantize_rows(x2d)

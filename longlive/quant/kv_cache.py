@@ -19,7 +19,7 @@ Storage is preallocated and updated in place: appends write into the next free r
 the first write has told the storage how many tokens a frame has (one reallocation, during the first
 block); if a write ever needs more it grows geometrically and logs it.
 
-Reading dequantizes the held tokens (``kernels.nvfp4_quant_ref.dequantize_rows``, plain PyTorch) and
+Reading dequantizes the held tokens (``longlive_kernels.nvfp4_quant_ref.dequantize_rows``, plain PyTorch) and
 concatenates the new, unquantized ones; attention is then the usual SDPA. :meth:`NVFP4KVStorage.update_packed`
 instead hands the packed views to a Triton attention kernel that dequantizes in registers
 (``kernels/nvfp4_attention.py``; opt-in through ``longlive.inference.fast``). Quantization uses the
@@ -33,8 +33,8 @@ import logging
 import torch
 from torch import Tensor
 
-from kernels.nvfp4_quant_ref import BLOCK, dequantize_rows, global_scale
-from kernels.nvfp4_quant_ref import quantize_rows as quantize_rows_ref
+from longlive_kernels.nvfp4_quant_ref import BLOCK, dequantize_rows, global_scale
+from longlive_kernels.nvfp4_quant_ref import quantize_rows as quantize_rows_ref
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _quantize_rows(x: Tensor, g: Tensor, inv_g: Tensor) -> tuple[Tensor, Tensor]
         from longlive.quant.linear import triton_available
 
         if triton_available(x.device):
-            from kernels.nvfp4_quant import quantize_rows
+            from longlive_kernels.nvfp4_quant import quantize_rows
 
             return quantize_rows(x, g, inv_g)
     return quantize_rows_ref(x, g, inv_g)

@@ -138,8 +138,8 @@ def quantize_activation(x2d: Tensor, scale_rule: ScaleRule = "six", use_kernel: 
     activations always go through the PyTorch quantizer."""
     if not use_kernel or scale_rule != "six":
         return quantize(x2d, scale_rule=scale_rule)
-    from kernels.nvfp4_quant import quantize_rows
-    from kernels.nvfp4_quant_ref import global_scale
+    from longlive_kernels.nvfp4_quant import quantize_rows
+    from longlive_kernels.nvfp4_quant_ref import global_scale
 
     # Non-finite activations are not checked here (that would cost a host sync per layer): an Inf or
     # NaN makes the global scale non-finite, so the whole output is NaN rather than silently wrong.
@@ -263,12 +263,12 @@ class NVFP4Linear(nn.Module):
             return F.linear(xq, w, b).to(out_dtype)
 
     def _triton(self, x2: Tensor, out_dtype: torch.dtype) -> Tensor:
-        from kernels.nvfp4_gemm import nvfp4_gemm
+        from longlive_kernels.nvfp4_gemm import nvfp4_gemm
 
         w = (self.weight_packed, self.weight_scales, self.weight_global, self.bias)
         if self.triton_activation == "float16" and self.scale_rule == "six":
-            from kernels.nvfp4_quant import quantize_rows
-            from kernels.nvfp4_quant_ref import global_scale
+            from longlive_kernels.nvfp4_quant import quantize_rows
+            from longlive_kernels.nvfp4_quant_ref import global_scale
 
             g, inv_g = global_scale(x2, per_row=False)
             _, _, dq = quantize_rows(x2, g, inv_g, dequantized=True)
