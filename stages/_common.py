@@ -14,13 +14,55 @@ from rich.logging import RichHandler
 from longlive.config import ConfigError, Preset, load_preset
 
 DEVICE_LOG_ENV = "LONGLIVE_DEVICE_LOG"  # scripts/gpu_dag.py: where each stage process appends its GPU use
+LOG_FORMAT_ENV = "LONGLIVE_LOG_FORMAT"  # "json": one JSON object per record on stderr (what flows/ reads)
+OWN_LOGGERS = ("longlive", "stages")  # the project's loggers; a stage's own logger is named after the stage
+_configured = False
+
+
+class JsonLines(logging.Formatter):
+    """One line per record, ``{"level", "logger", "message"}``; the message carries its traceback, so a
+    reader (flows/) keeps a record's level and its lines together."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelname, "logger": record.name, "message": super().format(record)})
+
+
+def configure_logging(stage: str | None = None) -> None:
+    """Root at WARNING (third-party INFO chatter, e.g. great-expectations', is dropped; their warnings stay),
+    the project's own loggers at INFO. Safe to call twice (stages/__init__ calls it early under flows/); like
+    ``logging.basicConfig`` it leaves a process whose logging is already set up (pytest, an embedding app) alone."""
+    global _configured
+    if not _configured and logging.getLogger().handlers:
+        return
+    # Under torchrun every process runs the stage: only rank 0 logs progress, the others warnings and errors.
+    own_level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    if not _configured:
+        if os.environ.get(LOG_FORMAT_ENV) == "json":
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(JsonLines("%(message)s"))
+            sys.excepthook = _log_uncaught  # a crash is one ERROR record, traceback included
+        else:
+            handler = RichHandler(show_path=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger, at WARNING
+        _configured = True
+    for name in OWN_LOGGERS + ((stage,) if stage else ()):
+        logging.getLogger(name).setLevel(own_level)
+
+
+def _log_uncaught(kind, exc, tb) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+    else:
+        logging.getLogger("stages").error("uncaught exception", exc_info=(kind, exc, tb))
 
 
 def setup(stage: str) -> Preset:
     """Configure logging and load the preset; a config error exits with its message, not a traceback."""
-    # Under torchrun every process runs the stage: only rank 0 logs progress, the others warnings and errors.
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    configure_logging(stage)
     try:
         preset = load_preset()
     except ConfigError as e:
