@@ -25,6 +25,7 @@ from longlive.bench.variants import (
     BenchModel, end_to_end, inference_for, profile_block, stream_blocks, summarize, weight_bytes,
 )
 from longlive.config import ConfigError, Preset, load_preset
+from longlive.device import resolve_device
 
 E2E_VARIANTS = ("bf16-fast", "fp8", "fp8-attn8", "fp8-cudnn", "bf16-cudnn8")  # end to end: per step count, bf16 fast and the fastest other (not NVFP4: converted for good)
 
@@ -62,12 +63,6 @@ def _slug(text: str) -> str:
 
 def _dedupe(items: list) -> list:
     return list(dict.fromkeys(items))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def command_line(args: argparse.Namespace, preset: Preset, shapes: list[BenchShape], variants: list[Variant]) -> str:
@@ -327,9 +322,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
             args.blocks = max(s.warm_blocks for s in shapes) + 2
         if args.blocks < 1:
             raise ConfigError(f"--blocks {args.blocks} must be >= 1")
-        device = _device(args.device or preset.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here")
+        device = resolve_device(args.device or preset.device)  # a DeviceError is a ConfigError
     except ConfigError as e:
         print(f"longlive bench: {e}", file=sys.stderr)
         return 2
