@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 from longlive.bench.kernels import ceiling_key
+from longlive.io import write_text_atomic
 
 
 def _fmt(v, f: str = "{:.1f}") -> str:
@@ -142,13 +141,7 @@ def print_table(res: dict, file=None) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically: a temporary file beside ``path``, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text)
 
 
 def write_results(res: dict, json_path: Path) -> None:

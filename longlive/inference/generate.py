@@ -27,7 +27,8 @@ from longlive.inference.request import (  # noqa: F401 - AR_CONFIG_NAME .. infer
     inference_overrides, latent_frames_for, read_ar_config, read_image, timings_path, with_ar_config,
 )
 from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule
-from longlive.inference.writer import BlockDecoder, Mp4Stream, write_text_atomic
+from longlive.inference.writer import BlockDecoder, Mp4Stream
+from longlive.io import write_text_atomic
 from longlive.models.dit import WanDiT
 from longlive.models.light_decoder import DISTILL_STAGE, LightDecoder
 from longlive.models.text import TextEncoder, load_text_encoder

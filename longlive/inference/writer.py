@@ -30,19 +30,6 @@ from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it: a reader sees the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 class Mp4Stream:
     """An H.264 mp4 written frame by frame; it appears at ``path`` only when closed without error."""
 

@@ -34,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -49,6 +48,7 @@ from longlive.data.ingest.sources import (
     VIDEO_EXTS, IngestError, Listing, Task, decode_caption_text, file_stat, list_sources, parse_row,
     webdataset_samples,
 )
+from longlive.io import atomic_file, write_bytes_atomic
 from longlive.secrets import redact, redact_url
 
 log = logging.getLogger("ingest")
@@ -64,25 +64,9 @@ _CHUNK = 1 << 20
 # small atomic writes (a reader sees the old file or the new one, never half of one)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:  # straight to disk: a real preset's clip is hundreds of MB
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # straight to disk: a real preset's clip is hundreds of MB
+        np.save(f, array, allow_pickle=False)
 
 
 def _json(obj) -> bytes:
@@ -268,13 +252,13 @@ def _video(task: dict, sub: int, source: str, path: str | None, data: bytes | No
                         copy.write(chunk)
             file_sha, src, reopen = h.hexdigest(), local, (lambda: local)
             if memo is not None:
-                _atomic_bytes(memo, _json({"sha256": file_sha}))
+                write_bytes_atomic(memo, _json({"sha256": file_sha}))
         ck = _cache_key(file_sha, task, settings)
         entry = _cached(out, ck)
         cached = entry is not None
         if entry is None:
             entry = _decode_video(src, reopen, task, settings, out, ck, file_sha)
-            _atomic_bytes(out / CACHE / f"{ck}.json", _json(entry))  # last: marks the video done
+            write_bytes_atomic(out / CACHE / f"{ck}.json", _json(entry))  # last: marks the video done
     return _finish(task, sub, source, entry, captions, cached, t0, memo)
 
 
@@ -314,7 +298,7 @@ def _tar_task(task: dict, fs, settings: IngestSettings, out: Path) -> Iterator[d
                             "sha256": summary["file_sha256"]})
         yield summary
     if memo is not None:  # only after the whole tar was read
-        _atomic_bytes(memo, _json({"samples": records}))
+        write_bytes_atomic(memo, _json({"samples": records}))
 
 
 def _tar_samples(task: dict, fs, settings: IngestSettings, out: Path) -> Iterator[tuple[dict, dict | None]]:
@@ -529,10 +513,10 @@ def assemble(summaries: list[dict], listing_rejects: list[Reject],
 
 
 def _write_index(out: Path, rows: list[dict], stats: dict) -> None:
-    _atomic_bytes(out / INDEX, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    write_bytes_atomic(out / INDEX, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     # what the dataset is, not how this run got it (cached or decoded): an unchanged source rewrites the folder
     # byte for byte, so DVC sees the same output and reruns nothing downstream
-    _atomic_bytes(out / "stats.json", _json({k: v for k, v in stats.items() if k not in RUN_ONLY}))
+    write_bytes_atomic(out / "stats.json", _json({k: v for k, v in stats.items() if k not in RUN_ONLY}))
 
 
 def _prune(out: Path, summaries: Iterable[dict]) -> None:
@@ -558,8 +542,8 @@ def _prune(out: Path, summaries: Iterable[dict]) -> None:
 def write_report(reports_dir: str | os.PathLike, stats: dict, rejects: list[dict], source: str) -> None:
     """``metrics.json`` (numbers, for DVC and Prefect), ``rejects.jsonl`` and ``report.md`` (every rejection)."""
     d = Path(reports_dir)
-    _atomic_bytes(d / "metrics.json", _json(stats))
-    _atomic_bytes(d / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
+    write_bytes_atomic(d / "metrics.json", _json(stats))
+    write_bytes_atomic(d / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     lines = [
         f"# Ingest of {redact_url(source)}", "",
         f"{stats['clips']} clips ({stats['multishot_clips']} multi-shot) from {stats['videos_with_clips']} of "
@@ -571,7 +555,7 @@ def write_report(reports_dir: str | os.PathLike, stats: dict, rejects: list[dict
         *(f"| {_md(r['source'])} | {'' if r['clip'] is None else r['clip']} | {r['reason']} | {_md(r['detail'])} |"
           for r in rejects),
     ]
-    _atomic_bytes(d / "report.md", ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(d / "report.md", ("\n".join(lines) + "\n").encode())
 
 
 def _md(text: str) -> str:
