@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from longlive.eval.regress import (
-    RegressError, compare, load_baseline, load_metrics, main, rule_for, write_baseline,
+    RegressError, compare, load_baseline, load_metrics, main, rule_for, widen_baseline, write_baseline,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +168,39 @@ def test_command_exit_codes_table_markdown_json_and_update(tmp_path, capsys):
     assert json.loads(base.read_text())["tolerances"] == {"fps": {"rel": 0.3}}
     assert main(["--metrics", str(tmp_path / "nothing"), "--baseline", str(base), "--preset", "tiny"]) == 2
     assert "dvc repro evaluate" in capsys.readouterr().err
+
+
+def test_widen_keeps_the_worse_value_of_each_gated_metric_and_both_runs_pass(tmp_path):
+    """Two honest retrainings of one commit on two CPU classes (models differ in bits): the baseline is their
+    envelope, so either run passes, while a collapsed model still fails on its headline score."""
+    chance = {"chance_score": 0.22}
+    intel = metrics(score=0.47, score_sem=0.04, drift_score=0.42, drift_score_sem=0.04, fps=72.0, **chance)
+    amd = metrics(score=0.34, score_sem=0.05, drift_score=0.24, drift_score_sem=0.07, fps=67.0, **chance)
+    path = tmp_path / "tiny.json"
+    write_baseline(path, {"ar_t2v": intel}, "tiny")
+    assert not compare(load_baseline(path), {"ar_t2v": amd}).passed  # drift at chance against the Intel run alone
+
+    widened = widen_baseline(path, {"ar_t2v": amd}, "tiny")
+    base = load_baseline(path)["variants"]["ar_t2v"]
+    assert (base["score"], base["score_sem"]) == (0.34, 0.05) and (base["drift_score"], base["drift_score_sem"]) == (0.24, 0.07)
+    assert base["fps"] == 67.0 and base["first_chunk_latency_s"] == 0.2  # lower-is-better keeps the larger
+    assert base["colour_acc"] == 0.5 and len(widened["runs"]) == 2  # ungated figures stay; both runs are listed
+    for run in (intel, amd):
+        assert compare(load_baseline(path), {"ar_t2v": run}).passed
+    collapsed = metrics(score=0.23, score_sem=0.01, drift_score=0.22, drift_score_sem=0.01, fps=67.0, **chance)
+    r = compare(load_baseline(path), {"ar_t2v": collapsed})
+    assert statuses(r)["ar_t2v.score"] == "REGRESSED"  # the envelope's score is still above chance
+    assert "at chance" in next(c.note for c in r.checks if c.metric == "score")
+
+    with pytest.raises(RegressError, match="same variants"):
+        widen_baseline(path, {"ar_t2v": amd, "extra": amd}, "tiny")
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    (mdir / "ar_t2v.json").write_text(json.dumps(intel))
+    assert main(["--metrics", str(mdir), "--baseline", str(path), "--preset", "tiny", "--widen"]) == 0
+    assert load_baseline(path)["variants"]["ar_t2v"]["score"] == 0.34  # folding in a better run changes nothing
+    with pytest.raises(SystemExit):
+        main(["--metrics", str(mdir), "--baseline", str(path), "--update", "--widen"])
 
 
 def test_write_baseline_is_atomic_and_complete(tmp_path):

@@ -51,10 +51,12 @@ def cpu_name() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """``cpu (AMD EPYC, 2 cores)`` or the GPU's name: what speed and memory figures are tied to."""
+    """``cpu (AMD EPYC, 2 cores, AVX2)`` or the GPU's name: what speed and memory figures are tied to. On a CPU
+    the vector ISA torch dispatches to is named too: it decides the float bits, so a retraining on another
+    ISA gives other models (longlive.eval.regress, "Several machine classes")."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def device_class(device: torch.device) -> str:
