@@ -4,18 +4,26 @@ in ``evaluate.variants`` (params.yaml), written under reports/evaluate/ (see lon
 With ``parallel.nproc * parallel.nnodes > 1`` the stage re-runs itself under torchrun, one process per GPU
 (``longlive.parallel.launch``); each rank generates the same videos with the DiT split over the
 sequence-parallel group (``longlive.parallel.parallelize``) and rank 0 alone writes the outputs.
+
+Rank 0 then records the run in wandb (``longlive.eval.tracking``): per-variant scalars, the metrics table, the
+sample videos and the resolved settings as config; offline under ``.work/evaluate/wandb`` unless
+``WANDB_MODE=online`` (``disabled``: no record).
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from longlive.eval.suite import EvaluateError, run_evaluate
+from longlive.eval.suite import SAMPLES_DIR, EvaluateError, run_evaluate
+from longlive.eval.tracking import log_results
+from longlive.train.tracking import wandb_mode
 from stages._common import setup
 
 OUT = Path("reports/evaluate")
+WORK = Path(".work/evaluate")  # VBench's scratch and the offline wandb runs; outside DVC's outs
 
 
 def _parallel(preset, names: list[str]):
@@ -44,12 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = preset.evaluate
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        wandb_mode(preset.tracking)  # a bad WANDB_MODE fails now, not after the evaluation
+    except ValueError as e:
+        sys.exit(f"evaluate: {e}")
     device, prepare, is_main, close = None, None, True, lambda: None
     if preset.parallel.world_size > 1:
         device, prepare, is_main, close = _parallel(preset, names)
     try:
         results = run_evaluate(preset, out_dir=OUT, base_dir=Path("models/base"), names=names or None, device=device,
-                               prepare=prepare, write=is_main, work_dir=Path(".work/evaluate"))
+                               prepare=prepare, write=is_main, work_dir=WORK)
     except EvaluateError as e:
         sys.exit(f"evaluate: {e}")
     finally:
@@ -63,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
                   + (f"; whole evaluation: {m['eval_peak_allocated_mb']:.0f} MiB allocated, "
                      f"{m['eval_peak_reserved_mb']:.0f} MiB reserved on the GPU" if "eval_peak_reserved_mb" in m else ""))
         print(f"wrote {OUT}/metrics/*.json, {OUT}/report.md and samples")
+        # after the outputs are written: the record reads them and draws no random numbers
+        try:
+            log_results(results, preset, samples_dir=OUT / SAMPLES_DIR, run_dir=WORK)
+        except Exception as e:  # noqa: BLE001 - e.g. online and the network dropped: the evaluation itself stands
+            logging.getLogger("evaluate").warning(
+                "the wandb record of this evaluation failed (%s: %s); the outputs under %s are complete. "
+                "Fix it, or set WANDB_MODE=offline, and rerun with `dvc repro -f evaluate`", type(e).__name__, e, OUT)
 
 
 if __name__ == "__main__":

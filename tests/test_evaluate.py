@@ -1,7 +1,7 @@
 """The evaluate stage on a fast tiny project: per-variant metrics, drift and speed plots, the report (VBench
 skips named), samples, DVC's view of them; then the scheduled regression flow against a local Prefect server:
 a passing run, a failing one on a raised baseline, their artifacts read back through the Prefect client,
-wandb's offline record with the sample videos, and the cron deployment."""
+wandb's offline records (the stage's and the flow's) with the sample videos, and the cron deployment."""
 
 import json
 import subprocess
@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from _project import make_project, run
+from _wandb_runs import offline_runs
 from test_prefect_flow import prefect_env  # noqa: F401 - the local Prefect server fixture
 
 pytestmark = pytest.mark.slow
@@ -129,10 +130,13 @@ def test_regression_flow_passes_fails_and_records(prefect_env, project):  # noqa
         score = [r for r in table if r["variant"] == "ar_t2v" and r["metric"] == "score"][0]
         assert score["status"].startswith("REGRESSED" if verdict == "FAIL" else "ok")
     assert "ar_t2v.score" in by_run["FAILED"]["regression-report"]["data"]
-    # wandb: offline runs with the metrics and the sample videos
-    videos = list((project / ".work/evaluate/wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
-    runs_with_videos = {next(part for part in v.parts if part.startswith("offline-run-")) for v in videos}
-    assert len(runs_with_videos) == 2, videos  # both flow runs logged their videos
+    # wandb: offline runs with the metrics and the sample videos, the evaluate stage's own and both flow runs'
+    runs = offline_runs(project / ".work/evaluate")
+    assert sorted(r.name for r in runs if r.name != "evaluate") == ["regression-tiny"] * 2
+    assert "evaluate" in [r.name for r in runs]
+    for r in runs:
+        videos = [v for v in r.history[0].values() if isinstance(v, dict) and v.get("_type") == "video-file"]
+        assert videos and all(r.media(v).stat().st_size > 0 for v in videos), r.name
 
 
 @pytest.mark.server

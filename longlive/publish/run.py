@@ -73,16 +73,18 @@ def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: st
 def log_wandb_artifact(folder: Path, result: PublishResult, preset: Preset, work_dir: Path) -> str | None:
     """Record the release as a wandb ``model`` artifact: its card, release.json and manifest, plus a reference
     to where it lives (no bytes are copied into wandb). Offline unless WANDB_MODE/tracking says online."""
-    from longlive.train.tracking import wandb_mode
+    from longlive.train.tracking import import_wandb, stage_config, wandb_mode, wandb_target
 
     mode = wandb_mode(preset.tracking)
     if mode == "disabled":
         return None
-    import wandb
+    wandb = import_wandb()
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=preset.tracking.project, job_type="publish", name=f"publish-{result.version}", mode=mode,
-                     dir=str(work_dir), config={"preset": preset.name, "version": result.version, "url": result.url})
+    project, entity = wandb_target(preset.tracking)  # WANDB_PROJECT / WANDB_ENTITY first, as in training
+    config = stage_config(preset, "publish", ("publish",), version=result.version, url=result.url)
+    run = wandb.init(project=project, entity=entity, job_type="publish", name=f"publish-{result.version}", mode=mode,
+                     dir=str(work_dir.resolve()), config=config)  # absolute: see start_tracking
     try:
         art = wandb.Artifact(f"longlive-{preset.name}", type="model", metadata=result.summary())
         for name in ("README.md", "release.json", "manifest.json"):

@@ -70,6 +70,7 @@ from longlive.secrets import redact_url
 from longlive.parallel import ParallelState, parallelize, plain_copy
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, run_training, write_history
+from longlive.train.tracking import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +427,9 @@ def train_ar(
         f"train_ar-{variant_name}", model, loss_fn, cfg.train, work_dir, seed=preset.seed,
         grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every, data_fingerprint=fingerprint, ema=ema,
         grad_accum=cfg.grad_accum, precision=cfg.precision, tracking=preset.tracking,
-        run_config={"preset": preset.name, "variant": variant_name, **inference_config(preset, variant_name)},
+        run_config=stage_config(preset, "train_ar", ("dit",) + (("quant",) if preset.quant.qat else ()),
+                                ar={**cfg.model_dump(mode="json"), "variants": {variant_name: variant}},  # this one only
+                                variant=variant_name, inference=inference_config(preset, variant_name)),
         parallel=parallel,
     )
     wall = time.time() - t0

@@ -3,7 +3,9 @@ flow-matching teacher DiT on the synthetic data; for real presets, convert Wan2.
 
 Output layout (``out_dir``): ``vae/`` (diffusers AutoencoderKLWan layout), ``text/`` (tiny text
 encoder; absent for UMT5, which is read from its own local path), ``dit/`` (diffusers
-WanTransformer3DModel layout), ``metrics.json``.
+WanTransformer3DModel layout), ``metrics.json``. Resume state lives in ``work_dir/<vae|teacher>/checkpoint.pt``
+and is removed after success; the models' offline wandb runs (``work_dir/<vae|teacher>/wandb``) stay for
+``wandb sync``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from longlive.models.text import build_text_encoder, load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import load_wan_transformer, save_dit
 from longlive.train.loop import run_training, write_history
+from longlive.train.tracking import stage_config
 
 # Objects cover a few percent of a frame; without extra weight (and object-centred crops, below) the
 # VAE learns the dark background first and blurs the shapes the prompt-following check must recognise.
@@ -54,6 +56,12 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _run_config(preset: Preset, model: str, **extra) -> dict:
+    """The wandb config of one of the base stage's two trainings (``vae``, ``teacher``)."""
+    return stage_config(preset, "base", ("video", "vae", "text", "dit", "base"), model=model,
+                        object_weight=OBJECT_WEIGHT, **extra)
 
 
 def train_vae(
@@ -98,7 +106,9 @@ def train_vae(
         return rec + preset.base.kl_weight * kl, {"kl": kl.item()}
 
     history = run_training("vae", vae, loss_fn, cfg, run_dir / "vae", seed=preset.seed,
-                           data_fingerprint=f"{tensor_fingerprint(frames, centers)}:{preset.vae.model_dump_json()}")
+                           data_fingerprint=f"{tensor_fingerprint(frames, centers)}:{preset.vae.model_dump_json()}",
+                           tracking=preset.tracking, run_name="base-vae",
+                           run_config=_run_config(preset, "vae", clips=n, crop={"frames": t_crop, "pixels": s_crop}))
     return vae, history
 
 
@@ -147,6 +157,8 @@ def train_teacher(
     history = run_training(
         "teacher", dit, loss_fn, cfg, run_dir / "teacher", seed=preset.seed,
         data_fingerprint=f"{tensor_fingerprint(latents, context)}:{preset.dit.model_dump_json()}:{preset.base.timestep_shift}",
+        tracking=preset.tracking, run_name="base-teacher",
+        run_config=_run_config(preset, "teacher", clips=latents.shape[0], cfg_dropout=CFG_DROPOUT),
     )
     return dit, history
 
@@ -210,5 +222,8 @@ def build_base(preset: Preset, synth_dir: Path, out_dir: Path, work_dir: Path, p
     else:
         metrics = build_tiny_base(preset, synth_dir, out_dir, work_dir, plots_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(work_dir, ignore_errors=True)  # resume state served its purpose; see run_training
+    # The resume state served its purpose (see run_training); offline wandb runs (<model>/wandb) stay for `wandb sync`
+    for model in ("vae", "teacher"):
+        for name in ("checkpoint.pt", "checkpoint.pt.stale"):
+            (work_dir / model / name).unlink(missing_ok=True)
     return metrics

@@ -49,6 +49,7 @@ from longlive.train.ar import (
 )
 from longlive.train.ema import EMA
 from longlive.train.loop import run_training, write_history
+from longlive.train.tracking import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,11 @@ def train_dmd(
         f"train_dmd-{variant}-{student}", models, loss_fn, cfg.train, work_dir, seed=preset.seed,
         grad_clip=cfg.grad_clip, ckpt_every=cfg.ckpt_every, data_fingerprint=fingerprint, ema=ema,
         precision=cfg.precision, tracking=preset.tracking, param_groups=groups,
-        run_config={"preset": preset.name, "variant": variant, "student": student, "denoising_steps": steps},
+        # ``dmd`` as this run resolved it (QAT: its own steps, no LoRA); train_qat is its own DVC stage
+        run_config=stage_config(
+            preset, "train_qat" if qat_from else "train_dmd", ("dit",) + (("quant",) if qat_from else ()), dmd=cfg,
+            variant=variant, student=student, denoising_steps=steps, ar={"variant": variant_cfg, "ar_config": ar_config}),
+        run_name=f"train_dmd-{variant}-{student}" + ("-qat" if qat_from else ""),
     )
     wall = time.time() - t0
 

@@ -31,6 +31,7 @@ from longlive.device import resolve_device
 from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 from longlive.train.loop import run_training, write_history
+from longlive.train.tracking import stage_config
 
 log = logging.getLogger(__name__)
 EVAL_BLOCK_FRAMES = 8  # the light decoder streams held-out clips in blocks of this many latent frames (LongLive's)
@@ -153,7 +154,7 @@ def distill_decoder(
     history = run_training(
         "distill_decoder", student, loss_fn, d.train, work_dir, seed=preset.seed, ckpt_every=d.ckpt_every,
         data_fingerprint=fingerprint, precision=d.precision, tracking=preset.tracking,
-        run_config={"preset": preset.name, "light_decoder": cfg.model_dump()},
+        run_config=stage_config(preset, "distill_decoder", ("video", "vae", "light_decoder")),
     )
     wall = time.time() - t0
 

@@ -11,6 +11,7 @@ checkpoint holds the model, optimizer, scheduler, EMA, loss history and the wand
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -128,6 +129,7 @@ def run_training(
     precision: str = "fp32",
     tracking: TrackingConfig | None = None,
     run_config: dict | None = None,
+    run_name: str | None = None,
     param_groups: list[dict] | None = None,
     parallel: "ParallelState | None" = None,
 ) -> list[dict]:
@@ -142,7 +144,9 @@ def run_training(
     exports ``ema.shadow``. grad_accum: micro-batches (loss_fn calls) per optimizer step.
     precision: ``fp32``, ``bf16`` or ``auto`` (bf16 autocast of loss_fn on CUDA, fp32 elsewhere);
     the weights and optimizer state stay fp32. tracking: wandb settings (None: no wandb); its files
-    go under ``run_dir/wandb``, ``run_config`` is recorded as the run's config.
+    go under ``run_dir/wandb``. The run's config is ``run_config`` (the stage's resolved settings,
+    :func:`longlive.train.tracking.stage_config`) plus this loop's own under ``train``; ``run_name``
+    names the wandb run (default ``name``).
     param_groups: ``[{"name", "params", "lr"?}]`` for models trained side by side (DMD's generator and
     critic): one AdamW with a learning rate per group, gradients clipped per group (``grad_norm_{name}``
     is logged). Parameters without a gradient in a step (a group whose loss was not computed) are left
@@ -223,7 +227,15 @@ def run_training(
 
     tracker: Tracker = NullTracker()
     if tracking is not None and main:
-        tracker = start_tracking(name, run_dir, {**(run_config or {}), "train": fingerprint}, tracking, run_id=run_id)
+        settings = {**cfg.model_dump(), "seed": seed, "grad_clip": grad_clip, "grad_accum": grad_accum,
+                    "ckpt_every": ckpt_every, "precision": precision, "autocast": str(amp_dtype or torch.float32),
+                    "ema": {"decay": ema.decay, "start_step": ema.start_step} if ema is not None else None}
+        if param_groups is not None:
+            settings["group_lr"] = {g["name"]: g.get("lr", cfg.lr) for g in groups}
+        # The data fingerprint is whatever string the trainer compares (often JSON): a short digest identifies it
+        settings["data_fingerprint"] = hashlib.sha256(data_fingerprint.encode()).hexdigest()[:16]
+        tracker = start_tracking(run_name or name, run_dir, {**(run_config or {}), "train": settings}, tracking,
+                                 run_id=run_id)
 
     def save(step: int) -> None:
         if parallel is not None:
