@@ -198,11 +198,13 @@ def _rows(dag: Dag, status: dict, futures: dict, results: dict) -> list[report.I
     return rows
 
 
-def recorded_preset(repo: Path) -> str:
+def recorded_preset(repo: Path) -> str | None:
     """The preset params.yaml records: what every item's ``dvc repro`` runs and DVC records. There is no preset
     parameter: another preset is another params.yaml (``dvc exp run -S preset=NAME``, then commit or apply it).
-    A ``LONGLIVE_PRESET`` in this process, which the stages inherit, must agree (ConfigError naming the route)."""
-    return config.recorded_preset(repo / "params.yaml")
+    A ``LONGLIVE_PRESET`` in this process, which the stages inherit, must agree (ConfigError naming the route).
+    None for a DVC project without params.yaml (no presets to disagree with)."""
+    path = repo / "params.yaml"
+    return config.recorded_preset(path) if path.is_file() else None
 
 
 def _render_plots(repo: Path) -> Path | None:

@@ -65,7 +65,7 @@ def regression(repo_dir: str = ".", baseline: str | None = None, hardware: str =
     the run. The preset is the one params.yaml records (what DVC ran)."""
     repo = repo_path(repo_dir)
     try:
-        name = recorded_preset(repo)
+        name = recorded_preset(repo) or "tiny"
     except ConfigError as e:
         return Failed(message=str(e))
     base = Path(baseline) if baseline else repo / default_baseline(name)
