@@ -2,8 +2,9 @@
 
 ``params.yaml`` holds ``preset: <name>``, ``presets: {name: {...}}`` with that preset alone and ``dag`` (the
 stage items it builds), as ``dvc exp run`` composes it from ``conf/preset/<name>.yaml``; the other named
-presets are read from there. A preset changes sizes, never code paths. Everything is validated at load; a bad value raises :class:`ConfigError` whose
-message names the full key (``presets.tiny.dit.num_heads``) and what is expected.
+presets are read from there. A preset changes sizes, never code paths. Everything is validated at load; a
+bad value raises :class:`ConfigError` whose message names the full key (``presets.tiny.dit.num_heads``) and
+what is expected.
 """
 
 from __future__ import annotations
