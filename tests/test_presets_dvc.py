@@ -34,13 +34,7 @@ def composed(overrides: list[str], out: Path) -> dict:
     """params.yaml as `dvc exp run -S ...` writes it, from the repository's conf/ (DVC's own function)."""
     import runpy
 
-    from dvc.utils.hydra import compose_and_dump
-
-    conf = str(ROOT / "conf")
-    # DVC registers the resolver by importing conf/hydra_plugins once per process (Hydra's plugin scan); in a
-    # test process that scan may have run already, so register it as that import does
-    runpy.run_path(str(ROOT / "conf/hydra_plugins/longlive_dag.py"))
-    compose_and_dump(out, conf, None, "config", conf, overrides)
+    runpy.run_path(str(ROOT / "scripts/compose_params.py"))["compose"](overrides, out)
     return yaml.safe_load(out.read_text())
 
 
@@ -49,7 +43,8 @@ def composed(overrides: list[str], out: Path) -> dict:
 
 def test_params_yaml_is_the_composition_of_conf(tmp_path):
     # params.yaml is what `dvc exp run` would write: a preset edited in conf/ alone would not be what runs
-    assert composed([], tmp_path / "params.yaml") == yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert composed([], tmp_path / "params.yaml") == yaml.safe_load((ROOT / "params.yaml").read_text()), \
+        "params.yaml is not the composition of conf/: python scripts/compose_params.py"
     small = composed(["preset=small"], tmp_path / "small.yaml")
     assert small == params_document("small", library("small"))
     assert list(small["presets"]) == ["small"]  # the other presets are not in the file DVC reads
