@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,6 +34,7 @@ from prefect.states import Failed, State
 from flows import report
 from flows.dag import RESOURCES, Dag, DagError, read_dag
 from flows.repro import Outcome, StageFailed, dvc_executable, run_repro
+from longlive import config
 
 TRANSIENT_STATE = "TransientFailure"  # name of a stage flow run's Failed state when a retry may succeed
 STAGE_FLOW = "longlive-stage"
@@ -92,6 +92,10 @@ def dvc_stage(item: str, repo_dir: str, resource: str, metrics: list[str], deplo
 def stage(item: str, repo_dir: str = ".", metrics: list[str] | None = None) -> dict | State:
     """One stage item on this worker's machine; deployed once per work pool (prefect.yaml)."""
     repo = repo_path(repo_dir)
+    try:
+        recorded_preset(repo)  # this worker's environment is the stage's: refuse a LONGLIVE_PRESET it would inherit
+    except config.ConfigError as e:
+        return Failed(message=f"{item}: {e}")
     outcome = _run_here(item, repo, list(metrics or []))
     if outcome.ok:
         return {"item": item, "ran": outcome.ran, "seconds": outcome.seconds}
@@ -195,10 +199,12 @@ def _rows(dag: Dag, status: dict, futures: dict, results: dict) -> list[report.I
 
 
 def recorded_preset(repo: Path) -> str | None:
-    try:
-        return (yaml.safe_load((repo / "params.yaml").read_text()) or {}).get("preset")
-    except (OSError, yaml.YAMLError):
-        return None
+    """The preset params.yaml records: what every item's ``dvc repro`` runs and DVC records. There is no preset
+    parameter: another preset is another params.yaml (``dvc exp run -S preset=NAME``, then commit or apply it).
+    A ``LONGLIVE_PRESET`` in this process, which the stages inherit, must agree (ConfigError naming the route).
+    None for a DVC project without params.yaml (no presets to disagree with)."""
+    path = repo / "params.yaml"
+    return config.recorded_preset(path) if path.is_file() else None
 
 
 def _render_plots(repo: Path) -> Path | None:
@@ -218,6 +224,10 @@ def run_pipeline(repo: Path, targets: list[str] | None, title: str, **options) -
     """Read the DAG, run it (``run_dag``), publish the run's markdown report; returns the rows and the
     failure message (None on success), whose first line is the first failed stage's own error line."""
     log = get_run_logger()
+    try:
+        preset = recorded_preset(repo)
+    except config.ConfigError as e:  # before any item runs: each would fail with this line
+        return [], str(e)
     dag = read_dag(repo)
     if targets:
         dag = dag.upstream_closure(targets)
@@ -227,7 +237,7 @@ def run_pipeline(repo: Path, targets: list[str] | None, title: str, **options) -
     if failures:
         failure = failures[0][1] + (f"\n(also failed: {', '.join(item for item, _ in failures[1:])})"
                                     if len(failures) > 1 else "")
-    markdown = report.render(repo, title, rows, failure, plots_html=_render_plots(repo), preset=recorded_preset(repo))
+    markdown = report.render(repo, title, rows, failure, plots_html=_render_plots(repo), preset=preset)
     create_markdown_artifact(key="run-report", markdown=markdown,
                              description=f"{title}: stages, metrics, samples, plots, release")
     return rows, failure

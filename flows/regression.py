@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed, State
 
 from flows.pipeline import recorded_preset, repo_path, run_pipeline
-from longlive.config import load_preset
+from longlive.config import ConfigError, load_preset
 from longlive.eval.regress import compare, default_baseline, load_baseline, load_metrics
 
 
@@ -64,7 +64,10 @@ def regression(repo_dir: str = ".", baseline: str | None = None, hardware: str =
     """Evaluate (what ``evaluate`` needs, item by item), compare, record; a failed stage or a regression fails
     the run. The preset is the one params.yaml records (what DVC ran)."""
     repo = repo_path(repo_dir)
-    name = recorded_preset(repo) or "tiny"
+    try:
+        name = recorded_preset(repo) or "tiny"
+    except ConfigError as e:
+        return Failed(message=str(e))
     base = Path(baseline) if baseline else repo / default_baseline(name)
     _, failure = run_pipeline(repo, ["evaluate"], "LongLive regression", max_parallel=max_parallel,
                               retries=retries, retry_delay_s=retry_delay_s, stage_deployments=stage_deployments,

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_config)
     p = sub.add_parser("stage", help="run one pipeline stage directly (dvc repro runs these)")
     p.add_argument("name", choices=STAGES)
-    p.add_argument("--preset")
+    p.add_argument("--preset", help="a check: the stage refuses a preset other than the one params.yaml records "
+                   "(switch with `dvc exp run -S preset=NAME`)")
     p.set_defaults(func=_stage)
     _add_generate(sub)
     _add_eval_quality(sub)

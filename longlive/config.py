@@ -1,8 +1,10 @@
 """Typed configuration: one source of truth built from a preset in ``params.yaml``.
 
-``params.yaml`` holds ``preset: <name>`` and ``presets: {name: {...}}``. A preset changes sizes,
-never code paths. Everything is validated at load; a bad value raises :class:`ConfigError` whose
-message names the full key (``presets.tiny.dit.num_heads``) and what is expected.
+``params.yaml`` holds ``preset: <name>``, ``presets: {name: {...}}`` with that preset alone and ``dag`` (the
+stage items it builds), as ``dvc exp run`` composes it from ``conf/preset/<name>.yaml``; the other named
+presets are read from there. A preset changes sizes, never code paths. Everything is validated at load; a
+bad value raises :class:`ConfigError` whose message names the full key (``presets.tiny.dit.num_heads``) and
+what is expected.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from longlive.dag import DagError, dag_section
 from longlive.secrets import (
     REDACTED,
     SECRET_FIX,
@@ -36,8 +39,9 @@ from longlive.secrets import (
 )
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
-PRESET_ENV = "LONGLIVE_PRESET"
+PRESET_ENV = "LONGLIVE_PRESET"   # may only repeat params.yaml's preset (recorded_preset)
 PARAMS_ENV = "LONGLIVE_PARAMS"
+PRESETS_DIR = Path("conf") / "preset"   # the named presets, beside params.yaml; DVC composes params.yaml from them
 
 
 class ConfigError(ValueError):
@@ -599,7 +603,7 @@ class QuantConfig(_Strict):
 class EvalVariantConfig(_Strict):
     """One checkpoint the ``evaluate`` stage measures (a key of ``evaluate.variants``).
 
-    Adding a variant is this entry plus its checkpoint as a dep of ``evaluate`` in dvc.yaml.
+    Adding a variant is this entry: the DAG then builds its checkpoint (params.yaml's ``dag``, ``longlive.dag``).
     """
 
     checkpoint: str = Field(min_length=1, description="a train_ar/train_dmd export (dit/ + ar_config.json) or a DiT directory")
@@ -788,7 +792,7 @@ class Preset(_Strict):
         return self
 
 
-def _format_error(err: ValidationError, prefix: str) -> str:
+def _format_error(err: ValidationError, prefix: str, filename: str = "params.yaml") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
@@ -803,11 +807,15 @@ def _format_error(err: ValidationError, prefix: str) -> str:
             secret = any(is_secret_key(str(p)) for p in e["loc"])
             shown = REDACTED if secret else redact(repr(redact_options(e.get("input"))))
             lines.append(f"{key}: {e['msg']} (got {shown})")
-    return "invalid configuration in params.yaml:\n  " + "\n  ".join(lines)
+    return f"invalid configuration in {filename}:\n  " + "\n  ".join(lines)
+
+
+def _params_path(path: str | os.PathLike | None) -> Path:
+    return Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
 
 
 def load_params(path: str | os.PathLike | None = None) -> dict:
-    path = Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+    path = _params_path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} not found; run from the repo root or set {PARAMS_ENV}")
     with open(path) as f:
@@ -820,16 +828,75 @@ def load_params(path: str | os.PathLike | None = None) -> dict:
     return data
 
 
+def preset_files(path: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The named presets (``conf/preset/NAME.yaml``) beside the params file, else the shipped ones."""
+    for conf in (_params_path(path).resolve().parent / PRESETS_DIR, DEFAULT_PARAMS.parent / PRESETS_DIR):
+        if conf.is_dir():
+            return {f.stem: f for f in sorted(conf.glob("*.yaml"))}
+    return {}
+
+
+def recorded_preset(path: str | os.PathLike | None = None, data: dict | None = None) -> str:
+    """The preset params.yaml names: the one DVC templates and records. ``LONGLIVE_PRESET`` may only agree with
+    it: a stage that read another preset would write outputs that dvc.lock attributes to this one."""
+    path = _params_path(path)
+    data = load_params(path) if data is None else data
+    recorded = data.get("preset") or "tiny"
+    env = os.environ.get(PRESET_ENV)
+    if env and env != recorded:
+        raise ConfigError(f"{PRESET_ENV}={env} but {path.name} records preset: {recorded} (what DVC runs and "
+                          f"records); switch with `dvc exp run -S preset={env}` and unset {PRESET_ENV}")
+    return recorded
+
+
+def check_dag(data: dict, path: str | os.PathLike) -> None:
+    """params.yaml's ``dag`` (what dvc.yaml builds) must be what its preset implies (``longlive.dag``), where
+    DVC reads that file: a preset edited in params.yaml alone would run items DVC does not build or record."""
+    path = Path(path)
+    if "dag" not in data or not (path.resolve().parent / "dvc.yaml").is_file():
+        return
+    name = data.get("preset") or "tiny"
+    if name not in data["presets"]:
+        raise ConfigError(f"{path.name} records preset: {name} but holds presets {sorted(data['presets'])}: switch "
+                          f"presets with `dvc exp run -S preset={name}`, which composes params.yaml for it")
+    try:
+        expected = dag_section(data["presets"][name] or {}, name)
+    except DagError as e:
+        raise ConfigError(f"{path.name}: {e}") from None
+    changed = [k for k in sorted(set(expected) | set(data["dag"] or {})) if expected.get(k) != (data["dag"] or {}).get(k)]
+    if changed:
+        raise ConfigError(f"{path.name}: dag.{changed[0]} is not what presets.{name} implies: params.yaml is composed "
+                          f"by `dvc exp run` from {PRESETS_DIR}/{name}.yaml; change the preset there (or with "
+                          f"`dvc exp run -S presets.{name}.KEY=VALUE`) and run `dvc exp run`")
+
+
+def params_document(name: str, preset: dict) -> dict:
+    """What DVC's composition writes to params.yaml for ``preset`` (tests and scripts that write params.yaml)."""
+    return {"preset": name, "presets": {name: preset}, "dag": dag_section(preset, name)}
+
+
 def load_preset(name: str | None = None, path: str | os.PathLike | None = None) -> Preset:
-    """Load and validate one preset. ``name`` defaults to $LONGLIVE_PRESET, then ``preset:`` in the file."""
+    """Load and validate one preset: by default the one params.yaml records (see :func:`recorded_preset`);
+    a named one not in the file from ``conf/preset/NAME.yaml``."""
+    path = _params_path(path)
     data = load_params(path)
-    name = name or os.environ.get(PRESET_ENV) or data.get("preset") or "tiny"
-    presets = data["presets"]
+    recorded = recorded_preset(path, data) if name is None else data.get("preset") or "tiny"
+    name = name or recorded
+    presets, source = data["presets"], path
+    if name == recorded:
+        check_dag(data, path)
     if name not in presets:
-        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(presets)}")
+        files = preset_files(path)
+        if name not in files:
+            raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(set(presets) | set(files))}")
+        source = files[name]
+        presets = load_params(source)["presets"]
+        if name not in presets:
+            raise ConfigError(f"{source}: expected presets.{name}")
     raw = dict(presets[name] or {})
     raw.setdefault("name", name)
     try:
         return Preset.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, f"presets.{name}")) from None
+        shown = path.name if source == path else f"{PRESETS_DIR}/{source.name}"
+        raise ConfigError(_format_error(e, f"presets.{name}", shown)) from None

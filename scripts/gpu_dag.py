@@ -8,8 +8,8 @@ The copy is made as tests/_project.py makes one (code + dvc.yaml in a fresh git 
 of the developer's tree untouched), with ``params.yaml`` naming the preset. ``--fast`` cuts counts, never
 sizes: for ``tiny`` tests/_project.py's fast preset (the CPU self-check, several minutes on 2 cores); for
 ``small`` a few clips, a few steps per stage and one or two prompts per evaluation, at small's full model,
-batch and video sizes. dvc.yaml's foreach/matrix lists name tiny's students and variants (and evaluate's and
-publish's deps name its checkpoints), so the copy's ``small`` takes those names from ``tiny``.
+batch and video sizes. The copy's ``small`` evaluates and publishes what ``tiny`` does, so its DAG (params.yaml's
+``dag``, derived from what evaluate and publish read) has tiny's DMD, QAT and quantize items too.
 
 Order: ``dvc dag --dot``, topologically; each item runs as ``dvc repro --single-item ITEM`` once everything it
 depends on has; an item whose dependency failed is marked ``blocked`` and not run.
@@ -48,6 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from longlive.config import load_params, params_document, preset_files  # noqa: E402
 from tests._project import COPIED, fast_tiny  # noqa: E402 - the same copy and fast preset as the DAG tests
 
 DEVICE_LOG_ENV = "LONGLIVE_DEVICE_LOG"  # stages/_common.py appends each stage process's CUDA use there
@@ -84,21 +85,21 @@ def fast_small(small: dict, tiny: dict) -> dict:
 
 
 def write_params(dest: Path, preset: str, fast: bool, device: str | None) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    presets = params["presets"]
+    presets = {name: load_params(path)["presets"][name] for name, path in preset_files(ROOT / "params.yaml").items()}
     if preset not in presets:
-        sys.exit(f"gpu_dag: no preset {preset!r} in params.yaml; choose one of {sorted(presets)}")
+        sys.exit(f"gpu_dag: no preset {preset!r} in conf/preset/; choose one of {sorted(presets)}")
+    p = copy.deepcopy(presets[preset])
     if fast:
         if preset == "tiny":
-            presets["tiny"] = fast_tiny(presets["tiny"])
+            p = fast_tiny(p)
         elif preset == "small":
-            presets["small"] = fast_small(presets["small"], presets["tiny"])
+            p = fast_small(p, presets["tiny"])
         else:
             sys.exit(f"gpu_dag: --fast knows tiny and small, not {preset!r}; drop --fast or add its cut here")
     if device:
-        presets[preset]["device"] = device
-    params["preset"] = preset
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        p["device"] = device
+    # what `dvc exp run -S preset=NAME` would compose (params.yaml with that preset and its dag)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params_document(preset, p), sort_keys=False))
 
 
 def make_project(dest: Path, preset: str, fast: bool, device: str | None, env: dict) -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from longlive.config import params_document
+
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ["longlive", "longlive_kernels", "stages", "flows", "kernels", "dvc.yaml"]
+COPIED = ["longlive", "longlive_kernels", "stages", "flows", "kernels", "conf", "dvc.yaml"]
 
 
 def fast_tiny(preset: dict) -> dict:
@@ -46,11 +48,16 @@ def make_project(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["presets"]["tiny"] = fast_tiny(params["presets"]["tiny"])
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tiny = fast_tiny(params["presets"]["tiny"])
+    # the fast preset in both places: params.yaml for `dvc repro`, conf/ for `dvc exp run`, which composes it
+    (dest / "params.yaml").write_text(yaml.safe_dump(params_document("tiny", tiny), sort_keys=False))
+    (dest / "conf/preset/tiny.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump({"preset": "tiny", "presets": {"tiny": tiny}}, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["dvc", "init", "-q"], dest)
     run(["dvc", "config", "core.analytics", "false"], dest)
+    for key, value in (("hydra.enabled", "true"), ("hydra.plugins_path", "conf")):  # as the repository's .dvc/config
+        run(["dvc", "config", key, value], dest)
     return dest
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from longlive.config import DEFAULT_PARAMS, ConfigError, load_preset
+from longlive.config import DEFAULT_PARAMS, ConfigError, load_preset, preset_files
 
 RAW = yaml.safe_load(DEFAULT_PARAMS.read_text())
 
@@ -32,11 +32,17 @@ def test_shipped_presets_have_the_real_sizes():
     assert load_preset("small").dit.head_dim == 64
 
 
-def test_default_preset_comes_from_the_file_and_env(tmp_path, monkeypatch):
+def test_default_preset_is_the_one_the_file_records_and_the_env_may_only_agree(tmp_path, monkeypatch):
     path = write_params(tmp_path)
     assert load_preset(path=path).name == "tiny"
-    monkeypatch.setenv("LONGLIVE_PRESET", "small")
-    assert load_preset(path=path).name == "small"
+    monkeypatch.setenv("LONGLIVE_PRESET", "tiny")
+    assert load_preset(path=path).name == "tiny"
+    monkeypatch.setenv("LONGLIVE_PRESET", "small")  # DVC would record tiny for what a stage ran as small
+    with pytest.raises(ConfigError) as e:
+        load_preset(path=path)
+    assert str(e.value) == ("LONGLIVE_PRESET=small but params.yaml records preset: tiny (what DVC runs and records); "
+                            "switch with `dvc exp run -S preset=small` and unset LONGLIVE_PRESET")
+    assert load_preset("small", path=path).name == "small"  # named explicitly (longlive config/bench): conf/preset/
 
 
 @pytest.mark.parametrize(
@@ -98,7 +104,8 @@ def test_every_config_field_has_strict_numbers():
 
 
 def test_every_shipped_preset_loads_and_floats_take_yaml_ints(tmp_path):
-    for name in RAW["presets"]:
+    assert sorted(preset_files()) == ["small", "tiny", "wan22-5b"]
+    for name in preset_files():
         assert load_preset(name).name == name
     preset = load_preset(path=write_params(tmp_path, lambda p: p["ar"]["train"].update(lr=1)))
     assert preset.ar.train.lr == 1.0 and isinstance(preset.ar.train.lr, float)

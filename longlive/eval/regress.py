@@ -413,7 +413,7 @@ def widen_baseline(path: str | os.PathLike, current: dict[str, dict], preset: st
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default=str(METRICS_DIR), help="directory of <variant>.json (default: %(default)s)")
     p.add_argument("--baseline", help="baseline JSON (default: benchmarks/baselines/<preset>.json)")
-    p.add_argument("--preset", help="preset name (default: $LONGLIVE_PRESET, then params.yaml's)")
+    p.add_argument("--preset", help="preset name (default: the one params.yaml records)")
     p.add_argument("--params", help="path to params.yaml")
     p.add_argument("--hardware", choices=("auto", "always", "never"), default="auto",
                    help="compare speed/memory: auto = only on the same device class")
@@ -429,9 +429,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _preset_name(args) -> str:
     if args.preset:
         return args.preset
-    from longlive.config import PRESET_ENV, load_params
+    from longlive.config import recorded_preset
 
-    return os.environ.get(PRESET_ENV) or load_params(args.params).get("preset") or "tiny"
+    return recorded_preset(args.params)  # a LONGLIVE_PRESET that disagrees is refused, naming the route
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     python -m longlive.parallel.launch stages.train_ar t2v
 
-reads ``parallel`` of the active preset (``LONGLIVE_PRESET`` / ``params.yaml``) and
+reads ``parallel`` of the preset params.yaml records and
 
 * ``nproc * nnodes == 1`` (the tiny preset): runs ``python -m stages.train_ar t2v`` in this process;
 * otherwise: replaces this process with ``torchrun --nproc_per_node N [--nnodes M --rdzv-...] -m

@@ -109,7 +109,7 @@ def _check_dit(dit: Path, name: str, preset: Preset) -> None:
     if spec.dit != preset.dit:
         raise ReleaseError(
             f"checkpoint {name} ({dit}) has DiT sizes {spec.dit.model_dump()} but preset {preset.name} says "
-            f"{preset.dit.model_dump()}; publish it with the preset it was trained with (LONGLIVE_PRESET)"
+            f"{preset.dit.model_dump()}; publish it with the preset it was trained with (`dvc exp run -S preset=NAME`)"
         )
 
 

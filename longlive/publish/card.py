@@ -236,7 +236,7 @@ def render_card(release: dict, metrics: dict[str, dict], preset: Preset) -> str:
         "git clone <the LongLive pipeline repository> && cd <it>",
         f"git checkout {git.get('commit') or '<commit>'}",
         "bash scripts/setup.sh && source .venv/bin/activate",
-        f"LONGLIVE_PRESET={preset.name} dvc repro",
+        f"dvc repro   # params.yaml at that commit holds preset {preset.name}; another: dvc exp run -S preset=NAME",
         "```",
         "",
         "`provenance/dvc.lock` pins the hash of every stage's inputs and outputs in that run; compare it with the "
