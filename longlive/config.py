@@ -369,6 +369,12 @@ class DMDConfig(_Strict):
     students: dict[str, list[StrictInt]] = Field(
         min_length=1, description="student name -> denoising step list, e.g. {4step: [1000, 750, 500, 250]}")
     variants: list[str] = Field(min_length=1, description="ar.variants to distil (t2v, i2v)")
+    prompts: str | None = Field(
+        default=None, min_length=1,
+        description="the prompt corpus DMD draws from: a .txt (one per line) or .jsonl file, a path or fsspec URL "
+        "(longlive.data.prompts); data/encoded/prompts.jsonl is the training captions encode writes; "
+        "null: the training clips' first-shot captions, drawn with the clips",
+    )
     tf_weight: StrictFloat = Field(
         default=0.0, ge=0,
         description="weight of a data term on generator steps: the AR teacher-forcing loss at the student's "
@@ -385,6 +391,8 @@ class DMDConfig(_Strict):
         default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
     activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in backward")
     ckpt_every: StrictInt = Field(default=50, gt=0)
+
+    _check_prompts = field_validator("prompts")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "DMDConfig":
