@@ -247,8 +247,9 @@ class DataConfig(_Strict):
     """Where the training clips come from: ``synth`` (the shapes domain the synth stage draws) or the user's own
     videos, which the ``ingest`` stage decodes and clips (``longlive.data.ingest``; README, "Your own videos")."""
 
-    source: str = Field(default="synth", min_length=1, description="synth, or a folder / fsspec URL (s3://bucket/videos) "
-                        "of mp4/webm/mov/mkv files and video webdataset tars")
+    source: str | None = Field(default="synth", min_length=1, description="synth, or a folder / fsspec URL "
+                               "(s3://bucket/videos) of mp4/webm/mov/mkv files and video webdataset tars; null: not "
+                               "set yet (a stage that reads clips says which key to set)")
     captions: str | None = Field(default=None, description="caption manifest (.jsonl or .csv, a path or URL); null: a .txt "
                                  "beside each video (webdataset samples carry their own txt/json)")
     storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: ...}; "
@@ -269,6 +270,14 @@ class DataConfig(_Strict):
     @property
     def is_synth(self) -> bool:
         return self.source == "synth"
+
+    def require_source(self, preset: str) -> str:
+        """``source``, or a :class:`ConfigError` naming the key to set (real presets leave it empty)."""
+        if self.source is None:
+            raise ConfigError(f"presets.{preset}.data.source is not set: point it at a folder or s3:// URL of your "
+                              "videos (and data.captions at their captions; README, \"Your own videos\"), or set it "
+                              "to synth for the synthetic shapes")
+        return self.source
 
 
 class ValidateConfig(_Strict):
