@@ -692,6 +692,11 @@ class EvaluateConfig(_Strict):
     prompt set, long-video drift, VBench and sample videos for every variant."""
 
     variants: dict[str, EvalVariantConfig] = Field(default_factory=dict)
+    prompts: str | None = Field(
+        default=None, min_length=1,
+        description="real data (data.source not synth): the prompt set videos are generated from, a .txt/.jsonl file "
+        "(path or URL), or vbench (null: vbench), VBench's suite (longlive.eval.prompt_sets); synthetic data: "
+        "ignored, the held-out shape prompts and their detector")
     num_prompts: StrictInt = Field(default=32, ge=2, description="single-prompt T2V/I2V videos (the score's sem needs >= 2)")
     num_multishot: StrictInt = Field(default=16, ge=1, description="two-shot videos")
     num_drift: StrictInt = Field(default=2, ge=1, description="long videos per drift setting (prompt schedule, single prompt)")
@@ -701,6 +706,8 @@ class EvaluateConfig(_Strict):
     threads: StrictInt | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
     speed: EvalSpeedConfig = EvalSpeedConfig()
     vbench: EvalVBenchConfig = EvalVBenchConfig()
+
+    _check_prompts = field_validator("prompts")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":
