@@ -115,8 +115,9 @@ def train_vae(
         kl = posterior.kl().mean() / video[0].numel()
         return rec + preset.base.kl_weight * kl, {"kl": kl.item()}
 
+    data = tensor_fingerprint(frames) if centers is None else tensor_fingerprint(frames, centers)
     history = run_training("vae", vae, loss_fn, cfg, run_dir / "vae", seed=preset.seed,
-                           data_fingerprint=f"{tensor_fingerprint(frames, *([] if centers is None else [centers]))}:{preset.vae.model_dump_json()}")
+                           data_fingerprint=f"{data}:{preset.vae.model_dump_json()}")
     return vae, history
 
 
