@@ -251,8 +251,9 @@ class DataConfig(_Strict):
     """Where the training clips come from: ``synth`` (the shapes domain the synth stage draws) or the user's own
     videos, which the ``ingest`` stage decodes and clips (``longlive.data.ingest``; README, "Your own videos")."""
 
-    source: str = Field(default="synth", min_length=1, description="synth, or a folder / fsspec URL (s3://bucket/videos) "
-                        "of mp4/webm/mov/mkv files and video webdataset tars")
+    source: str | None = Field(default="synth", min_length=1, description="synth, or a folder / fsspec URL "
+                               "(s3://bucket/videos) of mp4/webm/mov/mkv files and video webdataset tars; null: not "
+                               "set yet (a stage that reads clips says which key to set)")
     captions: str | None = Field(default=None, description="caption manifest (.jsonl or .csv, a path or URL); null: a .txt "
                                  "beside each video (webdataset samples carry their own txt/json)")
     storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. {endpoint_url: ...}; "
@@ -273,6 +274,14 @@ class DataConfig(_Strict):
     @property
     def is_synth(self) -> bool:
         return self.source == "synth"
+
+    def require_source(self, preset: str) -> str:
+        """``source``, or a :class:`ConfigError` naming the key to set (real presets leave it empty)."""
+        if self.source is None:
+            raise ConfigError(f"presets.{preset}.data.source is not set: point it at a folder or s3:// URL of your "
+                              "videos (and data.captions at their captions; README, \"Your own videos\"), or set it "
+                              "to synth for the synthetic shapes")
+        return self.source
 
 
 class ValidateConfig(_Strict):
@@ -373,6 +382,12 @@ class DMDConfig(_Strict):
     students: dict[str, list[StrictInt]] = Field(
         min_length=1, description="student name -> denoising step list, e.g. {4step: [1000, 750, 500, 250]}")
     variants: list[str] = Field(min_length=1, description="ar.variants to distil (t2v, i2v)")
+    prompts: str | None = Field(
+        default=None, min_length=1,
+        description="the prompt corpus DMD draws from: a .txt (one per line) or .jsonl file, a path or fsspec URL "
+        "(longlive.data.prompts); data/encoded/prompts.jsonl is the training captions encode writes; "
+        "null: the training clips' first-shot captions, drawn with the clips",
+    )
     tf_weight: StrictFloat = Field(
         default=0.0, ge=0,
         description="weight of a data term on generator steps: the AR teacher-forcing loss at the student's "
@@ -389,6 +404,8 @@ class DMDConfig(_Strict):
         default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
     activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in backward")
     ckpt_every: StrictInt = Field(default=50, gt=0)
+
+    _check_prompts = field_validator("prompts")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "DMDConfig":
@@ -679,6 +696,11 @@ class EvaluateConfig(_Strict):
     prompt set, long-video drift, VBench and sample videos for every variant."""
 
     variants: dict[str, EvalVariantConfig] = Field(default_factory=dict)
+    prompts: str | None = Field(
+        default=None, min_length=1,
+        description="real data (data.source not synth): the prompt set videos are generated from, a .txt/.jsonl file "
+        "(path or URL), or vbench (null: vbench), VBench's suite (longlive.eval.prompt_sets); synthetic data: "
+        "ignored, the held-out shape prompts and their detector")
     num_prompts: StrictInt = Field(default=32, ge=2, description="single-prompt T2V/I2V videos (the score's sem needs >= 2)")
     num_multishot: StrictInt = Field(default=16, ge=1, description="two-shot videos")
     num_drift: StrictInt = Field(default=2, ge=1, description="long videos per drift setting (prompt schedule, single prompt)")
@@ -688,6 +710,8 @@ class EvaluateConfig(_Strict):
     threads: StrictInt | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
     speed: EvalSpeedConfig = EvalSpeedConfig()
     vbench: EvalVBenchConfig = EvalVBenchConfig()
+
+    _check_prompts = field_validator("prompts")(_no_credentials)
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

@@ -62,6 +62,7 @@ RICH_TIME = re.compile(r"^\[[\d/: ]+\]\s*")  # rich's log time, which would make
 def fast_small(small: dict, tiny: dict) -> dict:
     """``small`` with tiny's item names and counts cut (sizes kept): a few minutes for the whole DAG on one GPU."""
     p = copy.deepcopy(small)
+    p["data"] = {"source": "synth"}                      # the device has no user videos: small's sizes on synth's shapes
     p["synth"]["num_videos"] = 24                        # base holds out 24 // 12 = 2 clips
     p["base"]["vae"].update(steps=12, log_every=1)
     p["base"]["dit"].update(steps=12, log_every=1)

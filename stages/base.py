@@ -1,16 +1,18 @@
-"""`base`: train the tiny VAE + bidirectional teacher, or convert Wan2.2 weights (real presets)."""
+"""`base`: train the tiny VAE + bidirectional teacher on the training clips (synth's, or ingest's for
+``data.source``), or convert Wan2.2 weights (real presets: ``base.weights``, no clips read)."""
 
 from pathlib import Path
 
 from longlive.train.base import build_base
 from stages._common import setup, write_json
+from stages._data import SYNTH, clips_dir
 
 
 def main() -> None:
     preset = setup("base")
     metrics = build_base(
         preset,
-        synth_dir=Path("data/synth"),
+        synth_dir=SYNTH if preset.base.weights else clips_dir(preset, "base"),  # converting reads no clips
         out_dir=Path("models/base"),
         work_dir=Path(".work/base"),  # resume state for an interrupted run; outside DVC's outs
         plots_dir=Path("reports/base"),

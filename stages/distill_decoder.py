@@ -6,6 +6,7 @@ from pathlib import Path
 from longlive.data.shards import ShardError
 from longlive.train.light_decoder import distill_decoder
 from stages._common import setup, write_json
+from stages._data import clips_dir
 from stages.validate import REPORT as VALIDATION_REPORT
 
 
@@ -16,7 +17,7 @@ def main() -> None:
             preset,
             shards_url=preset.encode.url,
             validation_report=VALIDATION_REPORT,  # refuses shards validate did not pass
-            synth_dir=Path("data/synth"),  # the real frames: the held-out PSNRs and the small pixel term
+            synth_dir=clips_dir(preset, "distill_decoder"),  # the frames: held-out PSNRs and the small pixel term
             base_dir=Path("models/base"),
             out_dir=Path("models/light_decoder"),
             work_dir=Path(".work/distill_decoder"),  # resume state for an interrupted run; outside DVC's outs

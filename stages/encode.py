@@ -1,6 +1,7 @@
 """`encode`: videos -> VAE latents + text embeddings in webdataset shards (local or s3://).
 
-The shards go to ``encode.url``; ``data/encoded/`` (the DVC output) holds the manifest and, for a
+The shards go to ``encode.url``; ``data/encoded/`` (the DVC output) holds the manifest, ``prompts.jsonl`` (every
+clip's first-shot caption and key, in the shards' order: a prompt corpus for ``dmd.prompts``) and, for a
 local url inside it, the shards themselves. The stage is restartable: DVC keeps the folder
 (``persist``) and the shard writer skips what a killed run already finished, unless the inputs
 changed: the fingerprint of the inputs is stored with the shards, and a writer given another one
@@ -9,6 +10,7 @@ deleted, so ``encode.url`` may be a shared folder or a bucket root.
 """
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -17,20 +19,23 @@ from pathlib import Path
 import torch
 
 from longlive.data.encode import encode_dataset
+from longlive.data.prompts import CORPUS_NAME, training_prompts, write_corpus
 from longlive.data.shards import ShardError, open_fs
+from longlive.data.synth import read_index
 from longlive.device import resolve_device
 from longlive.models.text import load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.secrets import redact_url
+from stages import _data
 from stages._common import setup, write_json
 
-SYNTH, INGEST, BASE, OUT = Path("data/synth"), Path("data/ingest"), Path("models/base"), Path("data/encoded")
+BASE, OUT = Path("models/base"), Path("data/encoded")
 log = logging.getLogger("encode")
 
 
 def clips_dir(preset) -> Path:
     """synth's clips, or ingest's when data.source names the user's videos (the same format)."""
-    return SYNTH if preset.data.is_synth else INGEST
+    return _data.clips_dir(preset, "encode")
 
 
 def inputs_fingerprint(preset) -> str:
@@ -70,6 +75,8 @@ def main() -> None:
     tmp = local.with_name(local.name + ".tmp")
     tmp.write_bytes(fs.cat_file(f"{root.rstrip('/')}/manifest.json"))
     os.replace(tmp, local)
+    # the training captions as a prompt corpus (dmd.prompts), in the order a trainer holds the clips
+    write_corpus(OUT / CORPUS_NAME, training_prompts(json.loads(local.read_bytes()), read_index(clips_dir(preset))))
     write_json(OUT / "_inputs.json", {"fingerprint": fingerprint, "url": redact_url(url)})
     write_json("reports/encode/metrics.json", stats)
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from longlive.config import ConfigError
 from longlive.data.ingest import IngestError, IngestSettings, run_ingest
 from stages._common import setup, write_json
 
@@ -21,6 +22,10 @@ OUT, REPORTS = Path("data/ingest"), Path("reports/ingest")
 def main() -> None:
     preset = setup("ingest")
     data = preset.data
+    try:
+        data.require_source(preset.name)
+    except ConfigError as e:
+        sys.exit(f"ingest: {e}")
     if data.is_synth:
         for folder in (OUT, REPORTS):  # clips and reports of an earlier real source must not linger
             shutil.rmtree(folder, ignore_errors=True)

@@ -5,6 +5,7 @@ pair. ``--qat``: the NVFP4 QAT fine-tune of that student (``models/dmd/VARIANT-S
 import sys
 from pathlib import Path
 
+from longlive.data.prompts import PromptError
 from longlive.data.shards import ShardError
 from longlive.train.dmd import train_dmd
 from stages._common import setup, write_json
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
             plots_dir=Path("reports/train_dmd") / name,
             qat_from=Path("models/dmd") / f"{variant}-{student}" if qat else None,
         )
-    except ShardError as e:  # not validated, or damaged: one line naming the fix
+    except (ShardError, PromptError) as e:  # not validated, damaged, a bad prompt file: one line naming the fix
         sys.exit(f"train_dmd: {e}")
     write_json(Path("reports/train_dmd") / name / "metrics.json", metrics)
 

@@ -12,6 +12,11 @@ Per variant (``{checkpoint, kind: t2v|i2v, denoising_steps, quant, inference}``)
 * VBench dimensions on the first T2V/I2V videos (:mod:`longlive.eval.vbench`; skipped ones say why);
 * sample mp4s.
 
+Prompt following, multi-shot and drift scores come from the synthetic shape detector, so they are measured for
+synthetic data only (``data.source: synth``). A preset trained on the user's videos (:func:`evaluate_real`)
+generates T2V videos from ``evaluate.prompts`` (a given prompt set, or VBench's suite) and I2V videos from the
+first frames and captions of the data's first clips, and reports speed, memory, VBench and samples.
+
 :func:`write_outputs` lays them out for DVC under ``out_dir`` (``reports/evaluate``):
 ``metrics/<variant>.json`` (flat numbers plus an ``info`` block: one row per variant in
 ``dvc metrics show``), ``plots/drift/<variant>-{schedule,single}.json`` (score per segment over time),
@@ -38,9 +43,10 @@ from longlive.config import EvaluateConfig, EvalVariantConfig, InferenceConfig, 
 from longlive.device import resolve_device
 from longlive.eval.perf import device_class, device_name, measure_speed, take_cuda_peaks, weights_mb
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
+from longlive.eval.prompt_sets import PromptSetError, real_prompts
 from longlive.eval.quality import (
-    clip_frames, eval_drift, eval_i2v, eval_multishot, eval_t2v, first_frame, heldout_prompts, resolve_checkpoint,
-    write_json,
+    _generate, _sample_path, _seconds, clip_frames, eval_drift, eval_i2v, eval_multishot, eval_t2v, first_frame,
+    heldout_prompts, resolve_checkpoint, write_json,
 )
 from longlive.eval.vbench import evaluate_vbench
 from longlive.inference.generate import (
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 
 METRICS_DIR, PLOTS_DIR, SAMPLES_DIR = "metrics", "plots", "samples"
 PHASES = ("clips", "multishot", "schedule", "single", "speed", "vbench")
+REAL_PHASES = ("clips", "speed", "vbench")  # real data: no detector to score prompt following with
 
 
 class EvaluateError(RuntimeError):
@@ -136,16 +143,21 @@ def evaluate_variant(
     name: str, variant: EvalVariantConfig, preset: Preset, cfg: EvaluateConfig, *,
     base_dir: str | os.PathLike = "models/base", samples_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None, work_dir: str | os.PathLike | None = None,
-    prepare: Callable[[Models], None] | None = None,
+    prepare: Callable[[Models], None] | None = None, clips_dir: str | os.PathLike = "data/ingest",
 ) -> VariantResult:
     """Run every evaluation of one variant; ``prepare(models)`` runs after loading (the stage's hook for
-    wrapping the DiT, e.g. sequence parallel)."""
+    wrapping the DiT, e.g. sequence parallel). ``clips_dir``: the user's clips (real data: the I2V images)."""
     t_start = time.perf_counter()
     device = resolve_device(device or preset.device)
     take_cuda_peaks(device)  # from here on, this variant's peaks (per phase: details["cuda_peak_mb"])
+    if not preset.data.is_synth:  # the prompt set first: a missing one fails before any model is loaded
+        prompts = real_eval_prompts(preset, cfg, variant.kind == "i2v", clips_dir)
     models, vpreset, ar_config, quant = load_variant(name, variant, preset, base_dir, device)
     if prepare is not None:
         prepare(models)
+    if not preset.data.is_synth:
+        return evaluate_real(name, variant, vpreset, cfg, models, prompts, ar_config=ar_config, quant=quant,
+                             device=device, samples_dir=samples_dir, work_dir=work_dir, t_start=t_start)
     image = variant.kind == "i2v"
     vb = cfg.vbench
     clip_videos = min(cfg.num_prompts, max(cfg.samples, vb.num_videos if vb.dimensions else 0))
@@ -218,6 +230,110 @@ def evaluate_variant(
     return VariantResult(name, metrics, details, curves)
 
 
+def real_eval_prompts(preset: Preset, cfg: EvaluateConfig, image: bool, clips_dir: str | os.PathLike) -> tuple[str, list[dict]]:
+    """``(what they are, [{"caption", "image"?, "clip"?}])``: T2V from ``evaluate.prompts`` (or VBench's suite);
+    I2V from the first frames and first captions of the first ``num_prompts`` clips of ``clips_dir`` (clips the
+    students trained on: this measures continuing a real frame, not generalisation to unseen ones)."""
+    n = cfg.num_prompts
+    if image:
+        from longlive.data.synth import load_frames, read_index
+
+        try:
+            index = read_index(clips_dir)
+        except FileNotFoundError:
+            index = []
+        if len(index) < n:
+            raise EvaluateError(f"I2V on real data starts from the first frames of {clips_dir}'s clips: it has "
+                                f"{len(index)}, evaluate.num_prompts is {n}; run `dvc repro ingest` or lower num_prompts")
+        return (f"first frames + captions of the first {n} clips of {clips_dir}",
+                [{"caption": r["captions"][0], "clip": r["key"], "image": load_frames(clips_dir, r["key"])[0]}
+                 for r in index[:n]])
+    try:
+        what, listed = real_prompts(cfg.prompts, n, dimensions=cfg.vbench.dimensions, python=cfg.vbench.python,
+                                    storage_options=preset.data.storage_options or None)
+    except PromptSetError as e:
+        raise EvaluateError(str(e)) from None
+    return what, [{"caption": p} for p in listed]
+
+
+def evaluate_real(
+    name: str, variant: EvalVariantConfig, vpreset: Preset, cfg: EvaluateConfig, models: Models,
+    prompts: tuple[str, list[dict]], *, ar_config: dict | None, quant: dict, device: torch.device,
+    samples_dir: str | os.PathLike | None, work_dir: str | os.PathLike | None, t_start: float,
+) -> VariantResult:
+    """Real data: videos of a training clip's length from the prompt set, speed and memory, VBench, samples."""
+    what, rows_in = prompts
+    kind, out = variant.kind, Path(samples_dir) if samples_dir is not None else None
+    vb = cfg.vbench
+    clip_videos = min(cfg.num_prompts, max(cfg.samples, vb.num_videos if vb.dimensions else 0))
+    fps = vpreset.video.fps
+    details: dict = {"kind": kind, "checkpoint": variant.checkpoint, **quant, "domain": "real", "prompt_set": what,
+                     "ar_config": ar_config, "inference": vpreset.inference.model_dump(), "runtime_s": {}}
+    cuda_peaks = {"load": take_cuda_peaks(device)} if device.type == "cuda" else None
+    for phase in REAL_PHASES:
+        t0 = time.perf_counter()
+        if phase == "clips":
+            seconds, n = _seconds(vpreset, None)
+            rows = []
+            for i, p in enumerate(tqdm(rows_in, desc=f"evaluate {name} clips", disable=None)):
+                path = _sample_path(out, kind, i, clip_videos)
+                _generate(models, vpreset, PromptSchedule.single(p["caption"]), seconds=seconds, seed=cfg.seed + i,
+                          image=p.get("image"), out=path)
+                rows.append({"caption": p["caption"], "seed": cfg.seed + i, "clip": p.get("clip"),
+                             "sample": str(path) if path else None})
+            details[kind] = {"n": len(rows), "pixel_frames": n, "seconds": seconds, "rows": rows}
+        elif phase == "speed":
+            p0 = rows_in[0]
+            seconds = cfg.speed.length_factor * clip_frames(vpreset) / fps
+            speed = measure_speed(
+                lambda: generate_video(models, vpreset, PromptSchedule.single(p0["caption"]), seconds=seconds,
+                                       image=p0.get("image"), seed=cfg.seed),
+                device, runs=cfg.speed.runs, warmup=cfg.speed.warmup)
+            details["speed"] = {**speed.metrics(), "memory_kind": speed.memory_kind, "pixel_frames": speed.pixel_frames,
+                                "runs": speed.runs, "warmup": cfg.speed.warmup, "seconds": seconds}
+        elif phase == "vbench" and vb.dimensions:
+            videos = [(r["sample"], r["caption"]) for r in details[kind]["rows"][:clip_videos] if r["sample"]]
+            details["vbench"] = (evaluate_vbench(videos, vb.dimensions, weights=vb.weights, python=vb.python,
+                                                 device=str(device), work_dir=work_dir) if videos else
+                                 {"dimensions": {d: {"status": "skipped", "reason": "no sample videos were written "
+                                                     "(the stage was run without a samples directory)"}
+                                                 for d in vb.dimensions}})
+        details["runtime_s"][phase] = time.perf_counter() - t0
+        if cuda_peaks is not None:
+            cuda_peaks[phase] = take_cuda_peaks(device)
+        log.info("%s: %s done in %.1f s", name, phase, details["runtime_s"][phase])
+    sp = details["speed"]
+    metrics = {"videos": details[kind]["n"]}
+    metrics.update({k: sp[k] for k in ("fps", "fps_median", "first_chunk_latency_s", "first_chunk_latency_median_s",
+                                       "peak_memory_mb", "kv_cache_mb")})
+    if "peak_reserved_mb" in sp:
+        metrics["peak_reserved_mb"] = sp["peak_reserved_mb"]
+    metrics.update(_vbench_metrics(details))
+    metrics["weights_mb"] = weights_mb(models.dit)
+    if cuda_peaks is not None:
+        details["cuda_peak_mb"] = cuda_peaks
+        metrics["eval_peak_allocated_mb"] = max(p["allocated"] for p in cuda_peaks.values())
+        metrics["eval_peak_reserved_mb"] = max(p["reserved"] for p in cuda_peaks.values())
+    metrics["runtime_s"] = time.perf_counter() - t_start
+    metrics["info"] = {"kind": kind, "checkpoint": variant.checkpoint, "quant": quant["quant"], "domain": "real",
+                       "prompt_set": what, "denoising_steps": ",".join(str(t) for t in vpreset.inference.denoising_steps),
+                       "device": device_name(device), "device_class": device_class(device),
+                       "memory_kind": sp["memory_kind"], "threads": torch.get_num_threads(), "num_prompts": cfg.num_prompts}
+    return VariantResult(name, metrics, details)
+
+
+def _vbench_metrics(details: dict) -> dict:
+    m, skipped = {}, 0
+    for dim, r in details.get("vbench", {}).get("dimensions", {}).items():
+        if r["status"] == "computed":
+            m[f"vbench_{dim}"] = r["score"]
+        else:
+            skipped += 1  # never a number standing in for a dimension that did not run; report.md says why
+    if "vbench" in details:
+        m["vbench_not_computed"] = skipped
+    return m
+
+
 def variant_metrics(details: dict, kind: str) -> dict:
     """The flat numbers of one variant (what DVC shows and ``longlive regress`` gates)."""
     q, ms, sch, sg, sp = details[kind], details["multishot"], details["schedule"], details["single"], details["speed"]
@@ -234,14 +350,7 @@ def variant_metrics(details: dict, kind: str) -> dict:
                                  "peak_memory_mb", "kv_cache_mb")})
     if "peak_reserved_mb" in sp:  # CUDA only
         m["peak_reserved_mb"] = sp["peak_reserved_mb"]
-    skipped = 0
-    for dim, r in details.get("vbench", {}).get("dimensions", {}).items():
-        if r["status"] == "computed":
-            m[f"vbench_{dim}"] = r["score"]
-        else:
-            skipped += 1  # never a number standing in for a dimension that did not run; report.md says why
-    if "vbench" in details:
-        m["vbench_not_computed"] = skipped
+    m.update(_vbench_metrics(details))
     m["chance_score"] = CHANCE_SCORE
     return m
 
@@ -252,7 +361,7 @@ def variant_metrics(details: dict, kind: str) -> dict:
 def run_evaluate(
     preset: Preset, *, out_dir: str | os.PathLike = "reports/evaluate", base_dir: str | os.PathLike = "models/base",
     names: list[str] | None = None, device: str | None = None, prepare: Callable[[Models], None] | None = None,
-    write: bool = True, work_dir: str | os.PathLike | None = None,
+    write: bool = True, work_dir: str | os.PathLike | None = None, clips_dir: str | os.PathLike = "data/ingest",
 ) -> dict[str, VariantResult]:
     """Evaluate ``names`` (default: every variant of ``preset.evaluate``) and write the outputs."""
     cfg = preset.evaluate
@@ -268,7 +377,7 @@ def run_evaluate(
     for name in names:
         results[name] = evaluate_variant(
             name, cfg.variants[name], preset, cfg, base_dir=base_dir, device=device, prepare=prepare,
-            samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir)
+            samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir, clips_dir=clips_dir)
     if write:
         write_outputs(results, preset, out_dir)
     return results
@@ -307,19 +416,38 @@ def _pm(m: dict, key: str) -> str:
     return _f(m.get(key)) + (f" ± {_f(sem)}" if sem is not None else "")
 
 
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown_report(report: dict) -> str:
     """The human summary: one table of headline numbers per variant, then VBench's status per dimension."""
     c = report["chance_score"]
     e = report["evaluate"]
-    lines = [f"# evaluate ({report['preset']} preset, {report['date']})", "",
-             f"Held-out prompts (synth clips >= 100000): {e['num_prompts']} single-prompt clips, {e['num_multishot']} "
-             f"two-shot videos, {e['num_drift']} videos of {e['length_factor']} training clips per drift setting. "
-             f"Scores: mean ± standard error over videos; chance {c:.3f}. Speed: best of {e['speed']['runs']} runs "
-             f"(median in metrics/*.json).", "",
-             "| variant | kind | steps | score | multi-shot | schedule (drift) | single prompt (drift) | drift last segment "
-             "| FPS | first chunk (s) | peak memory (MiB) | KV cache (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, v in report["variants"].items():
+    real = {n: v for n, v in report["variants"].items() if v["metrics"]["info"].get("domain") == "real"}
+    lines = [f"# evaluate ({report['preset']} preset, {report['date']})", ""]
+    if real:
+        lines += [f"Real data: no prompt-following score (its shape detector reads synthetic shapes only); "
+                  f"{e['num_prompts']} videos per variant, VBench below. Speed: best of {e['speed']['runs']} runs "
+                  "(median in metrics/*.json).", "",
+                  "| variant | kind | steps | prompts | videos | FPS | first chunk (s) | peak memory (MiB) | KV cache (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, v in real.items():
+            m, i = v["metrics"], v["metrics"]["info"]
+            lines.append(f"| {name} | {i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']} | "
+                         f"{_md_cell(i['prompt_set'])} | {m['videos']} | {_f(m['fps'], 1)} | "
+                         f"{_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | {_f(m['kv_cache_mb'], 2)} |")
+        lines.append("")
+    synthetic = {n: v for n, v in report["variants"].items() if n not in real}
+    if synthetic:
+        lines += [f"Held-out prompts (synth clips >= 100000): {e['num_prompts']} single-prompt clips, {e['num_multishot']} "
+                  f"two-shot videos, {e['num_drift']} videos of {e['length_factor']} training clips per drift setting. "
+                  f"Scores (the synthetic shape detector; synthetic data only): mean ± standard error over videos; "
+                  f"chance {c:.3f}. Speed: best of {e['speed']['runs']} runs (median in metrics/*.json).", "",
+                  "| variant | kind | steps | score | multi-shot | schedule (drift) | single prompt (drift) | drift last segment "
+                  "| FPS | first chunk (s) | peak memory (MiB) | KV cache (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in synthetic.items():
         m, i = v["metrics"], v["metrics"]["info"]
         lines.append(f"| {name} | {i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']} | "
                      f"{_pm(m, 'score')} | {_pm(m, 'multishot_score')} | {_pm(m, 'schedule_score')} | "

@@ -174,6 +174,7 @@ class Clip:
     latents: Tensor  # (C, F, h, w) as stored (float16)
     text: Tensor  # (num_shots, L, D) as stored
     shot_starts: list[int]
+    captions: tuple[str, ...] = ()  # what ``text`` embeds, one per shot (DMD matches prompts to them)
 
 
 def clip_from_sample(sample: dict) -> Clip:
@@ -182,7 +183,8 @@ def clip_from_sample(sample: dict) -> Clip:
     starts = list(meta.get("shot_start_latent_frames", [0]))
     if len(starts) != text.shape[0]:
         raise ValueError(f"sample {sample['__key__']}: {len(starts)} shot starts but {text.shape[0]} captions")
-    return Clip(sample["__key__"], torch.from_numpy(sample["latents.npy"]), text, starts)
+    return Clip(sample["__key__"], torch.from_numpy(sample["latents.npy"]), text, starts,
+                tuple(meta.get("captions", ())))
 
 
 class ShardClips:
@@ -209,6 +211,8 @@ class ShardClips:
         self.capacity = shards_in_memory or len(self.entries)
         self._cache: OrderedDict[int, list[Clip]] = OrderedDict()
         self._all: list[Clip] = []
+        self._shard_of = {k: i for i, e in enumerate(self.entries) for k in e["keys"]}
+        self._by_key: dict[str, Clip] | None = None
         if not self.streaming:  # from the validated manifest's entries, not a second read of the manifest
             self._all = [clip_from_sample(s) for e in self.entries
                          for s in iter_shard(url, e, fs=self.fs, root=self.root)]
@@ -236,6 +240,17 @@ class ShardClips:
 
     def first(self) -> Clip:
         return self._all[0] if not self.streaming else self._shard(0)[0]
+
+    def has(self, key: str) -> bool:
+        return key in self._shard_of
+
+    def by_key(self, key: str) -> Clip:
+        """The clip stored under ``key`` (streaming: its shard joins the kept ones); KeyError if there is none."""
+        if not self.streaming:
+            if self._by_key is None:
+                self._by_key = {c.key: c for c in self._all}
+            return self._by_key[key]
+        return next(c for c in self._shard(self._shard_of[key]) if c.key == key)
 
 
 def collate(clips: list[Clip]) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """The ``base`` models: for the tiny/small presets, train the causal VAE and a bidirectional
-flow-matching teacher DiT on the synthetic data; for real presets, convert Wan2.2 weights.
+flow-matching teacher DiT on the training clips (synth's, or ingest's: ``data.source``); for real presets,
+convert Wan2.2 weights.
 
 Output layout (``out_dir``): ``vae/`` (diffusers AutoencoderKLWan layout), ``text/`` (tiny text
 encoder; absent for UMT5, which is read from its own local path), ``dit/`` (diffusers
@@ -41,7 +42,8 @@ def load_videos(synth_dir: str | os.PathLike) -> tuple[torch.Tensor, list[dict]]
     """All clips as uint8 (N, T, H, W, 3) and their index rows."""
     index = read_index(synth_dir)
     if not index:
-        raise FileNotFoundError(f"{synth_dir}/index.jsonl lists no clips; run `dvc repro synth` first")
+        raise FileNotFoundError(f"{synth_dir}/index.jsonl lists no clips; run `dvc repro synth` "
+                                "(`dvc repro ingest` for data.source) first")
     frames = np.stack([load_frames(synth_dir, row["key"]) for row in index])
     return torch.from_numpy(frames), index
 
@@ -65,10 +67,11 @@ def _run_config(preset: Preset, model: str, **extra) -> dict:
 
 
 def train_vae(
-    preset: Preset, frames: torch.Tensor, centers: torch.Tensor, run_dir: Path
+    preset: Preset, frames: torch.Tensor, centers: torch.Tensor | None, run_dir: Path
 ) -> tuple[WanVAE, list[dict]]:
-    """``frames`` uint8 (N, T, H, W, 3); ``centers`` (N, T, 2) object centres (x, y) from synth. Trains on
-    ``preset.device``; the batches are drawn on the CPU (the step generator's), so every device sees the same ones."""
+    """``frames`` uint8 (N, T, H, W, 3); ``centers`` (N, T, 2) object centres (x, y) from synth, or None (the
+    user's videos: no objects to centre crops on, nor to weight). Trains on ``preset.device``; the batches are
+    drawn on the CPU (the step generator's), so every device sees the same ones."""
     cfg = preset.base.vae
     device = resolve_device(preset.device)
     torch.manual_seed(preset.seed)
@@ -85,6 +88,8 @@ def train_vae(
     def loss_fn(step: int, g: torch.Generator):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
         t0 = int(torch.randint(0, t - t_crop + 1, (1,), generator=g))
+        if centers is None:
+            return _plain_crop_loss(idx, t0, g)
         jitter = torch.randint(-s_crop // 4, s_crop // 4 + 1, (cfg.batch_size, 2), generator=g)
         mid = centers[idx, t0 + t_crop // 2].round().long() + jitter
         anywhere = torch.rand(cfg.batch_size, generator=g) < 0.5  # half the crops also teach plain background
@@ -105,8 +110,22 @@ def train_vae(
         kl = posterior.kl().mean() / video[0].numel()
         return rec + preset.base.kl_weight * kl, {"kl": kl.item()}
 
+    def _plain_crop_loss(idx: torch.Tensor, t0: int, g: torch.Generator):
+        # the same objective on crops anywhere in the frame, every pixel weighted alike
+        x0 = torch.randint(0, w - s_crop + 1, (cfg.batch_size,), generator=g)
+        y0 = torch.randint(0, h - s_crop + 1, (cfg.batch_size,), generator=g)
+        video = _to_model_video(torch.stack([
+            frames[i, t0 : t0 + t_crop, y : y + s_crop, x : x + s_crop] for i, x, y in zip(idx, x0, y0)
+        ]), device)
+        posterior = vae.encode_dist(video)
+        recon = vae.decode_raw(posterior.mean, clamp=False)
+        rec = (recon - video).abs().mean() + ((recon - video) ** 2).mean()
+        kl = posterior.kl().mean() / video[0].numel()
+        return rec + preset.base.kl_weight * kl, {"kl": kl.item()}
+
+    data = tensor_fingerprint(frames) if centers is None else tensor_fingerprint(frames, centers)
     history = run_training("vae", vae, loss_fn, cfg, run_dir / "vae", seed=preset.seed,
-                           data_fingerprint=f"{tensor_fingerprint(frames, centers)}:{preset.vae.model_dump_json()}",
+                           data_fingerprint=f"{data}:{preset.vae.model_dump_json()}",
                            tracking=preset.tracking, run_name="base-vae",
                            run_config=_run_config(preset, "vae", clips=n, crop={"frames": t_crop, "pixels": s_crop}))
     return vae, history
@@ -165,16 +184,20 @@ def train_teacher(
 
 def build_tiny_base(preset: Preset, synth_dir: Path, out_dir: Path, work_dir: Path, plots_dir: Path) -> dict:
     frames, index = load_videos(synth_dir)
-    centers = torch.tensor([row["centers"] for row in index], dtype=torch.float32)
+    # synth's object centres; ingest's clips (the user's videos) have none
+    centers = torch.tensor([row["centers"] for row in index], dtype=torch.float32) if "centers" in index[0] else None
     n_eval = max(1, len(frames) // 12)
     train_frames, eval_frames = frames[n_eval:], frames[:n_eval]
 
-    vae, vae_hist = train_vae(preset, train_frames, centers[n_eval:], work_dir)
+    vae, vae_hist = train_vae(preset, train_frames, None if centers is None else centers[n_eval:], work_dir)
     stats = fit_latent_stats(vae, train_frames)
     psnr = vae_psnr(vae, eval_frames)
 
     text = build_text_encoder(preset.text, seed=preset.seed).to(vae.device)
     single = [i for i, row in enumerate(index) if len(row["shots"]) == 1 and i >= n_eval]
+    if not single:
+        raise ValueError(f"{synth_dir}/index.jsonl: no single-shot clip beyond the {n_eval} held out, and the teacher "
+                         "trains on single-shot clips; add videos (or longer shots) to data.source")
     with torch.no_grad():
         latents = torch.cat([vae.encode(_to_model_video(frames[single[i : i + 8]], vae.device))
                              for i in range(0, len(single), 8)])

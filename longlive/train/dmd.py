@@ -12,9 +12,10 @@ also updates the generator through the DMD gradient of that rollout (one AdamW, 
 per model, see ``run_training``). With ``tf_weight`` > 0 a generator step also adds the AR teacher-forcing
 loss on real clips at the student's step list: DMD moves samples toward the teacher's distribution, so
 where the teacher is weaker than the AR student (the tiny teacher's motion) a data term keeps what AR
-training learned. Prompts of the DMD term are the dataset's first-shot captions: the teacher was
-trained on single-shot clips, and a batch shares one cache layout. I2V rollouts start from the clip's
-clean first latent frame, which is left out of both losses.
+training learned. Prompts of the DMD term come from the prompt corpus ``dmd.prompts`` (:class:`PromptDraw`,
+:mod:`longlive.data.prompts`), single prompts: the teacher was trained on single-shot clips, and a batch shares
+one cache layout; without one, from the dataset's first-shot captions. I2V rollouts start from a clip's clean
+first latent frame, which is left out of both losses.
 
 Export ``out_dir``: ``dit/`` (the EMA generator; with LoRA the frozen AR weights, and the adapters in
 ``lora.safetensors`` beside ``dit/`` -- merge them with ``longlive.models.lora`` or let inference do it)
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from longlive.config import DMDConfig, Preset
+from longlive.data.prompts import PromptCorpus, PromptError, embed_prompts, read_corpus
 from longlive.device import resolve_device
 from longlive.diffusion import dmd, flow
 from longlive.models.dit import Block, WanDiT
@@ -63,6 +65,59 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
 def first_shot_batch(clips: list[Clip]) -> tuple[Tensor, Tensor]:
     """x0 (B, C, F, h, w) float32 and each clip's first caption (B, L, D) float32."""
     return torch.stack([c.latents for c in clips]).float(), torch.stack([c.text[0] for c in clips]).float()
+
+
+class PromptDraw:
+    """What one DMD step draws: B prompt embeddings (B, L, D) float32 and a clip for each (the I2V first frame,
+    the teacher-forcing data term, the latent shape).
+
+    ``corpus`` None: B training clips (``ShardClips.sample``) with their first-shot captions. Otherwise B lines
+    of the corpus, uniformly: a line naming a clip brings it, and when its prompt is that clip's first-shot
+    caption, the embedding encode stored with it (so the training captions as a corpus, in the shards' order,
+    draw exactly what ``corpus`` None draws); other prompts take ``embeddings`` and a clip drawn from the shards.
+    An I2V rollout continues a clip's first frame, which must fit its prompt: I2V draws only the lines that
+    name a clip, and with a corpus that has none (a plain prompt list), the training clips and their captions.
+    """
+
+    def __init__(self, data: ShardClips, corpus: PromptCorpus | None, embeddings: dict[str, Tensor] | None = None,
+                 *, image: bool = False) -> None:
+        self.data, self.corpus, self.embeddings = data, corpus, embeddings or {}
+        self.lines: list[int] | None = None
+        if corpus is not None:
+            self.lines = [i for i, k in enumerate(corpus.clips) if k is not None or not image]
+            unknown = [(i, k) for i, k in enumerate(corpus.clips) if k is not None and not data.has(k)]
+            if unknown:
+                raise PromptError(f"dmd.prompts {corpus.source}: prompt {unknown[0][0] + 1} names clip {unknown[0][1]!r} "
+                                 f"({len(unknown)} lines in all) that the shards do not hold; drop the \"clip\" or "
+                                 "re-run encode (dvc repro encode)")
+            if not self.lines:
+                log.info("dmd.prompts %s names no clips: I2V rollouts start from training clips, with their "
+                         "captions", corpus.source)
+                self.lines = None
+
+    def to_embed(self) -> list[str]:
+        """The prompts whose embedding is not in the shards (all, when the shards are streamed: their captions
+        are not at hand before a shard is read)."""
+        if self.lines is None:
+            return []
+        c = self.corpus
+        return [c.prompts[i] for i in self.lines
+                if c.clips[i] is None or self.data.streaming or self.data.by_key(c.clips[i]).captions[:1] != (c.prompts[i],)]
+
+    def __call__(self, batch: int, g: torch.Generator) -> tuple[list[Clip], Tensor]:
+        if self.lines is None:
+            clips = self.data.sample(batch, g)
+            return clips, first_shot_batch(clips)[1]
+        c = self.corpus
+        rows = [self.lines[int(i)] for i in torch.randint(0, len(self.lines), (batch,), generator=g)]
+        unpaired = sum(c.clips[r] is None for r in rows)
+        drawn = iter(self.data.sample(unpaired, g) if unpaired else ())
+        clips = [self.data.by_key(c.clips[r]) if c.clips[r] is not None else next(drawn) for r in rows]
+        context = torch.stack([
+            clip.text[0] if clip.captions[:1] == (c.prompts[r],) and c.clips[r] is not None
+            else self.embeddings[c.prompts[r]] for r, clip in zip(rows, clips)
+        ]).float()
+        return clips, context
 
 
 def layout_from_ar_config(ar_config: dict, denoising_steps: list[int], shift: float) -> dmd.RolloutLayout:
@@ -124,12 +179,14 @@ def train_dmd(
     preset: Preset, variant: str, student: str, *, ar_dir: str | os.PathLike, base_dir: str | os.PathLike,
     out_dir: str | os.PathLike, work_dir: str | os.PathLike, plots_dir: str | os.PathLike,
     validation_report: str | os.PathLike, shards_url: str | None = None, null_context: Tensor | None = None,
-    qat_from: str | os.PathLike | None = None,
+    qat_from: str | os.PathLike | None = None, prompt_cache: str | os.PathLike | None = None,
 ) -> dict:
     """Distil ``ar_dir`` (a train_ar export) into the ``student`` step list; returns the metrics.
 
     The data term reads the shards only if ``validation_report`` (the validate stage's ``report.json``)
-    passed them (see :class:`~longlive.train.ar.ShardClips`).
+    passed them (see :class:`~longlive.train.ar.ShardClips`). Prompts come from ``dmd.prompts``
+    (:class:`PromptDraw`); the embeddings the shards do not hold are computed once and kept in ``prompt_cache``
+    (default: ``prompts/`` beside ``work_dir``, shared by every train_dmd run).
 
     ``qat_from``: a train_dmd export of the same student to fine-tune for NVFP4 instead (QAT): its
     generator (LoRA merged) with NVFP4 fake quantization of weights and activations (``quant`` in params,
@@ -151,10 +208,21 @@ def train_dmd(
     device = resolve_device(preset.device)
 
     data = ShardClips(shards_url or preset.encode.url, preset.ar.shards_in_memory, validation_report=validation_report)
-    if null_context is None:
+    corpus = read_corpus(cfg.prompts, preset.data.storage_options or None) if cfg.prompts else None
+    variant_cfg = preset.ar.variants[variant]
+    draw = PromptDraw(data, corpus, image=variant_cfg.i2v)
+    to_embed = draw.to_embed()
+    if null_context is None or to_embed:
         text_path = preset.text.path if preset.text.kind == "umt5" else base_dir / "text"
-        with torch.no_grad():
-            null_context = load_text_encoder(preset.text, text_path).encode([""])[0][0].float().cpu()
+        encoder = load_text_encoder(preset.text, text_path)
+        if null_context is None:
+            with torch.no_grad():
+                null_context = encoder.encode([""])[0][0].float().cpu()
+        if to_embed:
+            encoder_id = f"{preset.text.model_dump_json()}:{_file_stamp(Path(text_path))}"
+            draw.embeddings = embed_prompts(to_embed, lambda p: encoder.to(device).encode(p)[0],
+                                            Path(prompt_cache or work_dir.parent / "prompts"), encoder_id)
+        del encoder  # UMT5 is large: only its embeddings stay
     null_context = null_context.to(device)
 
     teacher = load_dit(base_dir / "dit", dtype=frozen_dtype(cfg.frozen_dtype, device), expect=preset.dit).to(device)
@@ -186,14 +254,13 @@ def train_dmd(
     groups = [{"name": "generator", "params": list(generator.parameters()), "lr": cfg.train.lr},
               {"name": "critic", "params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.train.lr}]
 
-    variant_cfg = preset.ar.variants[variant]
     tf_cfg = preset.ar.model_copy(update={"denoising_steps": steps, "timestep_shift": cfg.timestep_shift})
     C, F, h, w = data.first().latents.shape
     masks = ClipMasks(preset.ar, variant_cfg, F, generator.tokens_per_frame(h, w), device)
 
     def loss_fn(step: int, g: torch.Generator):
-        clips = data.sample(cfg.train.batch_size, g)
-        x_data, context = first_shot_batch(clips)
+        clips, context = draw(cfg.train.batch_size, g)
+        x_data = torch.stack([c.latents for c in clips]).float()
         update_generator = step % cfg.critic_updates == 0
         loss, metrics = dmd_step_losses(models, teacher, layout, cfg, x_data.to(device), context.to(device),
                                         null_context, g, update_generator=update_generator)
@@ -204,7 +271,8 @@ def train_dmd(
             metrics["tf_loss"] = tf.item()
         return loss, metrics
 
-    fingerprint = json.dumps({"data": data.fingerprint, "qat_from": str(qat_from) if qat_from else None,
+    fingerprint = json.dumps({"data": data.fingerprint, "prompts": corpus.sha256 if corpus else None,
+                              "qat_from": str(qat_from) if qat_from else None,
                               "init": _file_stamp((qat_from or ar_dir) / "dit"),
                               "base": _file_stamp(base_dir / "dit"), "student": steps,
                               "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
@@ -277,4 +345,5 @@ def unwrap_checkpointing(model: WanDiT) -> WanDiT:
     return plain
 
 
-__all__ = ["train_dmd", "dmd_step_losses", "DMDModels", "layout_from_ar_config", "first_shot_batch", "export"]
+__all__ = ["train_dmd", "dmd_step_losses", "DMDModels", "PromptDraw", "layout_from_ar_config", "first_shot_batch",
+           "export"]
