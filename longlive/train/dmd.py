@@ -142,11 +142,11 @@ def train_dmd(
     if student not in cfg.students:
         raise KeyError(f"unknown student {student!r}; dmd.students has {sorted(cfg.students)}")
     ar_dir, base_dir, out_dir, work_dir, plots_dir = map(Path, (ar_dir, base_dir, out_dir, work_dir, plots_dir))
-    ar = Checkpoint.open(ar_dir)
-    if ar.trained is None:
+    ar_export = Checkpoint.open(ar_dir)
+    if ar_export.trained is None:
         raise FileNotFoundError(f"{ar_dir / AR_CONFIG_NAME} not found: train_dmd starts from a train_ar export; "
                                 f"run `dvc repro train_ar@{variant}` first")
-    ar_config = ar.trained
+    ar_config = ar_export.trained
     steps = cfg.students[student]
     layout = layout_from_ar_config(ar_config, steps, cfg.timestep_shift)
     device = resolve_device(preset.device)
@@ -161,7 +161,7 @@ def train_dmd(
     teacher = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=frozen_dtype(cfg.frozen_dtype, device),
                         frozen=True)
     if qat_from is None:
-        generator = build_dit(ar, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora)
+        generator = build_dit(ar_export, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora)
         critic = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True)
     else:
         qat_from = Path(qat_from)
