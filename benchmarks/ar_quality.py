@@ -31,7 +31,7 @@ from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
 from longlive.eval.quality import (
     DRIFT_SETTINGS, HELDOUT_START, eval_references, evaluate, heldout_prompts, load_checkpoint, write_json,
 )
-from longlive.inference.generate import read_ar_config
+from longlive.models.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,7 +42,7 @@ RENOISE_8 = [1000 - 125 * i for i in range(8)]
 
 def layout_of(checkpoint: Path) -> list[str]:
     """``--set`` overrides that give another model a student's block layout and step list."""
-    ar = read_ar_config(checkpoint)
+    ar = Checkpoint.open(checkpoint).trained
     return [f"{k}={json.dumps(ar[k])}" for k in LAYOUT]
 
 

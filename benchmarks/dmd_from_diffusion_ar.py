@@ -31,6 +31,7 @@ import torch
 from longlive.config import load_preset
 from longlive.eval.prompt_following import CHANCE_SCORE
 from longlive.eval.quality import evaluate, load_checkpoint
+from longlive.models.checkpoint import Checkpoint
 from longlive.train.ar import train_ar
 from longlive.train.dmd import train_dmd
 
@@ -58,12 +59,12 @@ def uniform_preset():
 def train(preset, variant: str) -> tuple[Path, Path, dict]:
     ar_dir, dmd_dir = WORK / "ar" / variant, WORK / "dmd" / f"{variant}-2step"
     metrics = {}
-    if not (ar_dir / "ar_config.json").is_file():
+    if Checkpoint.open(ar_dir).trained is None:
         r = train_ar(preset, variant, shards_url=preset.encode.url, validation_report=VALIDATION_REPORT,
                      base_dir=ROOT / "models/base", out_dir=ar_dir,
                      work_dir=WORK / "work/ar" / variant, plots_dir=WORK / "reports/ar" / variant)
         metrics["train_ar"] = r.metrics
-    if not (dmd_dir / "ar_config.json").is_file():
+    if Checkpoint.open(dmd_dir).trained is None:
         metrics["train_dmd"] = train_dmd(preset, variant, "2step", ar_dir=ar_dir, base_dir=ROOT / "models/base",
                                          validation_report=VALIDATION_REPORT,
                                          out_dir=dmd_dir, work_dir=WORK / "work/dmd" / variant,

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from longlive.config import ParallelConfig, load_preset  # noqa: E402
+from longlive.inference import build  # noqa: E402
 from longlive.inference.pipeline import StreamingPipeline  # noqa: E402
 from longlive.inference.schedule import PromptSchedule, block_sizes  # noqa: E402
 from longlive.models.dit import Block, WanDiT  # noqa: E402
@@ -155,8 +156,9 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
     if len(set(sums)) != 1:
         raise RuntimeError(f"ranks built different weights: checksums {sums}")
     wgib = weight_gib(dit)
-    parallelize(dit, state)  # sequence parallel over all ranks (inference: no FSDP)
-    pipe = StreamingPipeline(dit, inf, dev)  # applies the preset's inference path (fused kernels on CUDA)
+    # the preset's inference path (fused kernels on CUDA), then sequence parallel over all ranks (no FSDP)
+    dit = build.build_dit(dit, preset, inference=inf, parallel=state)
+    pipe = StreamingPipeline(dit, inf, dev)
     log(state, f"[sp={state.sp}] model built and wrapped in {now() - t0:.1f} s ({wgib:.2f} GiB of weights)")
 
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -109,7 +109,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, help="output mp4 (missing directories are created); timings go to the "
                    "same path with .json")
     p.add_argument("--checkpoint", help="DiT directory (default: <base>/dit); a train_ar export's ar_config.json "
-                   "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift; "
+                   "beside it sets block_frames, independent_first_frame, denoising_steps, timestep_shift (and sink_frames, "
+                   "window_frames when trained with a window) over the preset's, --set over both; "
                    "or a pulled release's checkpoints/NAME (base models and preset then come from the release)")
     p.add_argument("--base", default="models/base", help="base models directory (vae/, text/)")
     p.add_argument("--preset")

@@ -2,8 +2,8 @@
 in ``evaluate.variants`` (params.yaml), written under reports/evaluate/ (see longlive.eval.suite).
 
 With ``parallel.nproc * parallel.nnodes > 1`` the stage re-runs itself under torchrun, one process per GPU
-(``longlive.parallel.launch``); each rank generates the same videos with the DiT split over the
-sequence-parallel group (``longlive.parallel.parallelize``) and rank 0 alone writes the outputs.
+(``longlive.parallel.launch``); each rank generates the same videos with the DiT built sequence parallel over
+the SP group (``longlive.inference.build.build_dit``'s last step) and rank 0 alone writes the outputs.
 
 Rank 0 then records the run in wandb (``longlive.eval.tracking``): per-variant scalars, the metrics table, the
 sample videos and the resolved settings as config; offline under ``.work/evaluate/wandb`` unless
@@ -27,11 +27,11 @@ WORK = Path(".work/evaluate")  # VBench's scratch and the offline wandb runs; ou
 
 
 def _parallel(preset, names: list[str]):
-    """(device, prepare, is_main, close) of a multi-process run. Outside torchrun this process is replaced
+    """(device, parallel state, is_main, close) of a multi-process run. Outside torchrun this process is replaced
     by torchrun running this stage (longlive.parallel.launch); the single-process path never imports
     longlive.parallel."""
     try:
-        from longlive.parallel import init_parallel, parallelize, shutdown
+        from longlive.parallel import init_parallel, shutdown
         from longlive.parallel.launch import torchrun_command
         from longlive.parallel.mesh import torchrun_env
     except ImportError as e:
@@ -43,7 +43,7 @@ def _parallel(preset, names: list[str]):
         os.execv(cmd[0], cmd)
     state = init_parallel(preset.parallel, device=preset.device)
     # every rank generates the same videos (SP splits each one's tokens); rank 0 alone writes
-    return str(state.device), (lambda models: parallelize(models.dit, state)), state.is_main, (lambda: shutdown(state))
+    return str(state.device), state, state.is_main, (lambda: shutdown(state))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         wandb_mode(preset.tracking)  # a bad WANDB_MODE fails now, not after the evaluation
     except ValueError as e:
         sys.exit(f"evaluate: {e}")
-    device, prepare, is_main, close = None, None, True, lambda: None
+    device, parallel, is_main, close = None, None, True, lambda: None
     if preset.parallel.world_size > 1:
-        device, prepare, is_main, close = _parallel(preset, names)
+        device, parallel, is_main, close = _parallel(preset, names)
     try:
         results = run_evaluate(preset, out_dir=OUT, base_dir=Path("models/base"), names=names or None, device=device,
-                               prepare=prepare, write=is_main, work_dir=WORK)
+                               parallel=parallel, write=is_main, work_dir=WORK)
     except EvaluateError as e:
         sys.exit(f"evaluate: {e}")
     finally:

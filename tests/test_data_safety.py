@@ -326,7 +326,7 @@ def test_nan_data_stops_at_validate_and_train_ar_refuses_it_before_any_model_or_
     with pytest.raises(SystemExit, match="NaN"):
         stages.validate.main()
     # Run directly (not through dvc repro, which would stop at validate): it must stop before it loads a model.
-    for name in ("load_dit", "load_text_encoder", "run_training"):
+    for name in ("build_dit", "load_text_encoder", "run_training"):
         monkeypatch.setattr(ar, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran on data validate failed"))
     with pytest.raises(SystemExit) as exit_:
         stages.train_ar.main(["t2v"])
@@ -340,7 +340,8 @@ def test_train_dmd_stage_refuses_unvalidated_shards_in_one_line(stage_project):
     import stages.encode
     import stages.train_dmd
     from longlive.config import load_preset
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
 
     proj, configure = stage_project
     configure("data/encoded/shards", samples_per_shard=5)
@@ -393,7 +394,8 @@ def test_the_gate_passes_only_a_passing_record_for_the_same_manifest(synth_dir, 
 
 def test_train_dmd_and_distill_decoder_open_shards_through_the_gate(synth_dir, fake_encoders, tiny_preset, tmp_path):
     from longlive.config import DMDConfig
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
     from longlive.train.dmd import train_dmd
     from longlive.train.light_decoder import load_latents
 

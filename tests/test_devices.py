@@ -225,7 +225,8 @@ def test_train_dmd_puts_generator_critic_and_teacher_on_the_preset_device(tiny_p
     """The frozen teacher too; gradient clipping with the critic's gradients alone (the step that crashed on CUDA)."""
     from longlive.models import wan_adapter
     from longlive.train import dmd
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
 
     cfg = DMDConfig(train={"steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1}, timestep_shift=3.0,
                     students={"2step": [1000, 500]}, variants=["t2v"], critic_updates=2, tf_weight=1.0,
@@ -244,7 +245,7 @@ def test_train_dmd_puts_generator_critic_and_teacher_on_the_preset_device(tiny_p
         (qat_from / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, "t2v")))
     loaded = []
     load_dit = wan_adapter.load_dit
-    monkeypatch.setattr(dmd, "load_dit", lambda *a, **k: loaded.append(load_dit(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(wan_adapter, "load_dit", lambda *a, **k: loaded.append(load_dit(*a, **k)) or loaded[-1])
     run, seen = stand_in_training(steps=())
     monkeypatch.setattr(dmd, "run_training", run)
     with pytest.raises(Reached):
@@ -300,7 +301,8 @@ def test_quantize_stage_converts_on_the_preset_device(tiny_preset, monkeypatch):
 def test_quantize_student_converts_and_evaluates_on_its_device(tiny_preset, base_dir, tmp_path, monkeypatch):
     from longlive.eval import quality
     from longlive.quant import export
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
 
     student = tmp_path / "student"
     student.mkdir()
@@ -326,8 +328,8 @@ def test_evaluate_loads_every_model_on_the_preset_device(tiny_preset, base_dir, 
 
     load_variant = suite.load_variant
 
-    def stop_after_loading(name, variant, preset, base, device):
-        models, *rest = load_variant(name, variant, preset, base, device)
+    def stop_after_loading(name, variant, preset, base, device, **kw):
+        models, *rest = load_variant(name, variant, preset, base, device, **kw)
         assert device == META
         assert_on(META, dit=models.dit, vae=models.vae)
         raise Reached(name)

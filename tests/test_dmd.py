@@ -143,7 +143,8 @@ def test_train_dmd_runs_and_exports_a_student(tiny_preset, shards, record, tmp_p
     from longlive.config import DMDConfig, LoRAConfig
     from longlive.models.lora import ADAPTER_FILE
     from longlive.models.wan_adapter import save_dit
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
     from longlive.train.dmd import train_dmd
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -14,6 +14,7 @@ import torch
 
 from longlive.config import load_preset
 from longlive.inference import fast
+from longlive.inference.build import build_dit
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, block_sizes
 from longlive.kernels_dispatch import ENV, interpret_on_cpu, kernels_enabled, use_kernel
@@ -39,7 +40,7 @@ def make_dit(preset) -> WanDiT:
 def stream(dit, preset, *, latent_frames=12, prompts=("a red circle moves left",), storage="pipeline", **cfg):
     """Latents of a streamed video (sink 1 + window 3 + blocks of 2: eviction from the third block on)."""
     icfg = preset.inference.model_copy(update=cfg)
-    pipe = StreamingPipeline(dit, icfg)
+    pipe = StreamingPipeline(build_dit(dit, preset, inference=icfg), icfg)  # the build sets up the inference path
     if storage == "list":  # the reference: KVCache's own per-layer tensors, concatenated per step
         pipe.cache.storage = None
     entries = [{"frame": 4 * i * 3, "prompt": p} for i, p in enumerate(prompts)]

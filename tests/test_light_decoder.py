@@ -10,7 +10,8 @@ import torch
 from longlive.config import ConfigError, LightDecoderConfig, load_preset
 from longlive.data.encode import encode_dataset
 from longlive.data.video_io import tensor_to_frames
-from longlive.inference.generate import Models, generate_video, load_models
+from longlive.inference.build import build_models
+from longlive.inference.generate import Models, generate_video
 from longlive.inference.schedule import PromptSchedule
 from longlive.models.dit import WanDiT
 from longlive.models.light_decoder import LightDecoder
@@ -200,8 +201,8 @@ def test_missing_light_decoder_is_a_clear_error(preset, models, tmp_path):
     save_dit(models.dit, base / "dit")
     light_preset = preset.model_copy(update={"inference": cfg})
     with pytest.raises(FileNotFoundError, match="distill_decoder stage writes.*dvc repro distill_decoder"):
-        load_models(light_preset, base, light_decoder=tmp_path / "missing")
+        build_models(light_preset, base, light_decoder=tmp_path / "missing")
     models.light_decoder.save_pretrained(tmp_path / "ld")
-    loaded = load_models(light_preset, base, light_decoder=tmp_path / "ld")
+    loaded = build_models(light_preset, base, light_decoder=tmp_path / "ld")
     assert isinstance(loaded.light_decoder, LightDecoder)
-    assert load_models(preset, base, light_decoder=tmp_path / "missing").light_decoder is None  # decoder: vae
+    assert build_models(preset, base, light_decoder=tmp_path / "missing").light_decoder is None  # decoder: vae

@@ -10,7 +10,8 @@ from longlive.data.encode import encode_dataset
 from longlive.models.dit import WanDiT
 from longlive.models.wan_adapter import load_dit, save_dit
 from longlive.quant import NVFP4FakeQuantLinear
-from longlive.train.ar import AR_CONFIG_NAME, qat_fingerprint, train_ar
+from longlive.models.checkpoint import AR_CONFIG_NAME
+from longlive.train.ar import qat_fingerprint, train_ar
 
 
 def test_train_ar_with_qat(tiny_preset, synth_dir, fake_encoders, tmp_path, monkeypatch):

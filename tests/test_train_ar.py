@@ -11,9 +11,10 @@ from conftest import validate_into
 from longlive.config import DiTConfig
 from longlive.data.encode import encode_dataset
 from longlive.models.dit import WanDiT
+from longlive.models.checkpoint import AR_CONFIG_NAME
 from longlive.models.wan_adapter import load_dit, save_dit
 from longlive.train.ar import (
-    AR_CONFIG_NAME, Clip, ShardClips, attention_mask, block_sizes, build_batch, collate, masked_flow_loss,
+    Clip, ShardClips, attention_mask, block_sizes, build_batch, collate, masked_flow_loss,
     step_sigmas, tf_forward, train_ar,
 )
 

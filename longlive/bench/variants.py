@@ -21,12 +21,13 @@ from longlive.bench.shapes import BenchShape, now, step_list, sync
 from longlive.config import InferenceConfig, Preset
 from longlive.eval.perf import PeakMemory
 from longlive.inference import fast
+from longlive.inference.build import apply_inference_path, build_dit
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, block_sizes
 from longlive.models.dit import WanDiT
 
 
-def build_dit(preset: Preset, device: torch.device) -> WanDiT:
+def random_dit(preset: Preset, device: torch.device) -> WanDiT:
     """The preset's DiT with random weights, stored as ``load_dit(dtype=bf16)`` stores it: bf16, with norms,
     adaLN tables and the time embedder in float32."""
     with torch.device(device):
@@ -43,11 +44,15 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 class BenchModel:
-    """One DiT set up for each variant in turn: kernels and context memo off for the plain path, FP8 linears
-    swapped in and back, NVFP4 converted in place (:meth:`to_nvfp4`, once, after every bf16/FP8 variant)."""
+    """One DiT (random weights through :func:`~longlive.inference.build.build_dit`) set up for each variant in turn:
+    kernels and context memo off for the plain path, FP8 linears swapped in and back, NVFP4 converted in place
+    (:meth:`to_nvfp4`, once, after every bf16/FP8 variant), then the variant's inference path -- the build's own
+    step, :func:`~longlive.inference.build.apply_inference_path` -- since bench measures several paths on one set
+    of weights (the pipeline streams the model as it finds it)."""
 
     def __init__(self, preset: Preset, device: torch.device) -> None:
-        self.dit, self.device = build_dit(preset, device), device
+        self.preset, self.device = preset, device
+        self.dit = build_dit(random_dit(preset, device), preset, device=device)
         self.bf16_bytes = weight_bytes(self.dit)
         self.nvfp4_backend: str | None = None
         self._fp8_originals: dict | None = None
@@ -102,6 +107,9 @@ class BenchModel:
             fast.remove_kernels(self.dit)
         if v.plain:
             fast.remove_context_memo(self.dit)
+        inference = variant_inference(self.preset, v)
+        if inference.kernels or inference.compile or inference.fp8:
+            apply_inference_path(self.dit, inference)
 
     def teardown(self, v: Variant) -> None:
         if v.weights == "fp8":
@@ -110,13 +118,18 @@ class BenchModel:
             self.uncompile()
 
 
+def variant_inference(preset: Preset, v: Variant) -> InferenceConfig:
+    """The preset's inference settings with ``v``'s switches (FP8 linears are :class:`BenchModel`'s own, reversible
+    swap, so the inference path never converts them)."""
+    return preset.inference.model_copy(update={"kernels": v.kernels, "compile": v.compile, "fp8": False,
+                                               "fp8_attention": v.fp8_attention})
+
+
 def inference_for(preset: Preset, shape: BenchShape, v: Variant | None = None, **update) -> InferenceConfig:
-    """The preset's inference settings at ``shape``'s block and window, with ``v``'s switches (FP8 is
-    applied by :class:`BenchModel`, not by the pipeline)."""
-    base = {"block_frames": shape.block_frames, "window_frames": shape.window_frames, "fp8": False}
-    if v is not None:
-        base.update(kernels=v.kernels, compile=v.compile, fp8_attention=v.fp8_attention)
-    return preset.inference.model_copy(update={**base, **update})
+    """The preset's inference settings at ``shape``'s block and window, with ``v``'s switches (see
+    :func:`variant_inference`)."""
+    cfg = variant_inference(preset, v) if v is not None else preset.inference.model_copy(update={"fp8": False})
+    return cfg.model_copy(update={"block_frames": shape.block_frames, "window_frames": shape.window_frames, **update})
 
 
 def _plans(shape: BenchShape, blocks: int, video_fps: int):

@@ -45,16 +45,10 @@ import numpy as np
 from longlive.config import InferenceConfig, Preset
 from longlive.data.synth import COLOURS, MOTIONS, SHAPES, is_multishot, make_caption, make_clip, parse_caption
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE, VideoScore, detect_video, score_video
-from longlive.inference.generate import (
-    GenerationResult,
-    Models,
-    generate_video,
-    inference_overrides,
-    load_models,
-    read_ar_config,
-    with_ar_config,
-)
+from longlive.inference.build import Models, build_models
+from longlive.inference.generate import GenerationResult, generate_video
 from longlive.inference.schedule import PromptSchedule, block_sizes, latent_frame_at, pixel_frame_of
+from longlive.models.checkpoint import DIT_DIR, Checkpoint
 
 HELDOUT_START = 100_000
 MOTION_CYCLE = ("left", "up", "right", "down", "still")  # drift: the switching schedule's motions, in turn
@@ -121,23 +115,16 @@ def second_caption(k: int, caption: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    """The DiT directory of a checkpoint: ``models/ar/t2v`` (a train_ar export) -> ``models/ar/t2v/dit``."""
-    path = Path(checkpoint)
-    return path / "dit" if (path / "dit").is_dir() else path
-
-
 def load_checkpoint(
     preset: Preset, checkpoint: str | os.PathLike, base: str | os.PathLike = "models/base",
     overrides: list[str] = (), device: str = "cpu",
 ) -> tuple[Models, Preset, dict | None]:
-    """Models and the preset with the checkpoint's inference settings (its ``ar_config.json`` layout and
-    steps, then ``overrides`` ``KEY=VALUE``), exactly as ``longlive generate`` resolves them."""
-    dit_dir = resolve_checkpoint(checkpoint)
-    ar_config = read_ar_config(dit_dir)
-    cfg = inference_overrides(with_ar_config(preset.inference, ar_config), list(overrides))
-    preset = preset.model_copy(update={"inference": cfg})
-    return load_models(preset, base, dit_dir, device=device), preset, ar_config
+    """Models built for the checkpoint's inference settings (:meth:`Checkpoint.inference`: the preset's, its
+    trained layout, then ``overrides`` ``KEY=VALUE``, as ``longlive generate`` resolves them), that preset, and
+    the trained layout (``ar_config.json``, None for a bare DiT directory)."""
+    ckpt = Checkpoint.open(checkpoint)
+    preset = preset.model_copy(update={"inference": ckpt.inference(preset.inference, overrides=list(overrides))})
+    return build_models(preset, base, ckpt, device=device), preset, ckpt.trained
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -482,7 +469,7 @@ def write_json(obj: dict, path: str | os.PathLike) -> Path:
 def default_out(checkpoint: str | os.PathLike) -> Path:
     """``models/ar/t2v`` -> ``reports/quality/t2v.json``; ``models/base/dit`` -> ``reports/quality/base.json``."""
     path = Path(checkpoint)
-    name = path.parent.name if path.name == "dit" else path.name
+    name = path.parent.name if path.name == DIT_DIR else path.name
     return Path("reports/quality") / f"{name or 'model'}.json"
 
 
@@ -506,12 +493,11 @@ def cli_eval_quality(args) -> int:
     from pydantic import ValidationError
 
     from longlive.config import ConfigError, load_preset
-    from longlive.inference.generate import resolve_device
+    from longlive.device import resolve_device
 
     try:
         preset = load_preset(args.preset, args.params)
-        dit_dir = resolve_checkpoint(args.checkpoint)
-        if not dit_dir.is_dir():
+        if not Checkpoint.open(args.checkpoint).exists:
             raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
         device = resolve_device(args.device or preset.device)
         models, preset, ar_config = load_checkpoint(preset, args.checkpoint, args.base, args.set, device=str(device))

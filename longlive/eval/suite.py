@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -46,13 +46,16 @@ from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
 from longlive.eval.prompt_sets import PromptSetError, real_prompts
 from longlive.eval.quality import (
     _generate, _sample_path, _seconds, clip_frames, eval_drift, eval_i2v, eval_multishot, eval_t2v, first_frame,
-    heldout_prompts, resolve_checkpoint, write_json,
+    heldout_prompts, write_json,
 )
 from longlive.eval.vbench import evaluate_vbench
-from longlive.inference.generate import (
-    Models, generate_video, load_models, read_ar_config, with_ar_config,
-)
+from longlive.inference.build import Models, build_models
+from longlive.inference.generate import generate_video
 from longlive.inference.schedule import PromptSchedule
+from longlive.models.checkpoint import Checkpoint, inference_settings
+
+if TYPE_CHECKING:
+    from longlive.parallel import ParallelState
 
 log = logging.getLogger(__name__)
 
@@ -76,58 +79,36 @@ class VariantResult:
 # ----------------------------------------------------------------------------- loading a variant
 
 
-def variant_inference(preset: Preset, variant: EvalVariantConfig, ar_config: dict | None) -> InferenceConfig:
-    """The preset's inference settings, then the export's layout and steps, then the variant's own."""
-    cfg = with_ar_config(preset.inference, ar_config)
+def variant_settings(variant: EvalVariantConfig) -> dict:
+    """The variant's own inference settings (level 3 of :func:`~longlive.models.checkpoint.inference_settings`)."""
     update = dict(variant.inference)
     if variant.denoising_steps is not None:
         update["denoising_steps"] = list(variant.denoising_steps)
-    return InferenceConfig.model_validate({**cfg.model_dump(), **update}) if update else cfg
+    return update
 
 
-def _packed_nvfp4(dit_dir: Path) -> bool:
-    try:
-        from longlive.quant.checkpoint import is_nvfp4_checkpoint
-    except ImportError:
-        return False
-    return is_nvfp4_checkpoint(dit_dir)
-
-
-def apply_quant(models: Models, variant: EvalVariantConfig, preset: Preset, packed: bool = False) -> dict:
-    """What quantization the measured DiT runs with. A quantize-stage export (``packed``) is NVFP4 already
-    (``load_models`` loads its packed weights as stored). Otherwise ``quant: nvfp4`` swaps the DiT's linears
-    for NVFP4 ones (``quant:`` settings pick backend and kept layers), so a high-precision export is measured
-    as it would run quantized; the conversion lives in ``longlive.quant``, imported only then."""
-    if packed:
-        return {"quant": "nvfp4", "nvfp4_source": "packed export (quantize stage)"}
-    if variant.quant == "none":
-        return {"quant": "none"}
-    try:
-        from longlive.quant.convert import convert_to_nvfp4
-    except ImportError as e:
-        raise EvaluateError(f"quant: nvfp4 needs longlive.quant.convert.convert_to_nvfp4, which is not importable "
-                            f"here ({e}); use quant: none or install the NVFP4 layers") from e
-    report = convert_to_nvfp4(models.dit, preset.quant)
-    return {"quant": "nvfp4", "nvfp4_source": "converted at load", "backend": report.backend,
-            "quantized_linears": len(report.quantized), "kept_linears": len(report.kept)}
+def variant_inference(preset: Preset, variant: EvalVariantConfig, ar_config: dict | None) -> InferenceConfig:
+    """The preset's inference settings, then the export's trained layout, then the variant's own."""
+    return inference_settings(preset.inference, ar_config, variant_settings(variant), source=variant.checkpoint)
 
 
 def load_variant(name: str, variant: EvalVariantConfig, preset: Preset, base_dir: str | os.PathLike,
-                 device: torch.device) -> tuple[Models, Preset, dict | None, dict]:
-    """Models on ``device`` (bf16 DiT on CUDA, as ``longlive generate``), the preset with the variant's
-    inference settings, the export's ``ar_config.json`` and what quantization did."""
-    dit_dir = resolve_checkpoint(variant.checkpoint)
-    if not dit_dir.is_dir():
+                 device: torch.device, parallel: ParallelState | None = None) -> tuple[Models, Preset, dict | None, dict]:
+    """Models built on ``device`` (bf16 DiT on CUDA, as ``longlive generate``; ``quant: nvfp4`` converted at load;
+    sequence parallel over ``parallel``, a :class:`~longlive.parallel.ParallelState`), the preset with the
+    variant's inference settings, the export's ``ar_config.json`` and what quantization the DiT runs with."""
+    ckpt = Checkpoint.open(variant.checkpoint)
+    if not ckpt.exists:
         raise EvaluateError(f"variant {name}: checkpoint {variant.checkpoint} not found; run the stage that "
                             f"produces it (dvc repro) or fix evaluate.variants.{name}.checkpoint")
-    ar_config = read_ar_config(dit_dir)
+    ar_config = ckpt.trained
     if ar_config is not None and bool(ar_config.get("i2v")) != (variant.kind == "i2v"):
         raise EvaluateError(f"variant {name}: kind {variant.kind} but {variant.checkpoint} was trained with "
                             f"i2v={ar_config.get('i2v')}; fix evaluate.variants.{name}.kind")
     preset = preset.model_copy(update={"inference": variant_inference(preset, variant, ar_config)})
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    models = load_models(preset, base_dir, dit_dir, device=device, dtype=dtype)
-    return models, preset, ar_config, apply_quant(models, variant, preset, packed=_packed_nvfp4(dit_dir))
+    models = build_models(preset, base_dir, ckpt, device=device, dtype=dtype, quant=variant.quant, parallel=parallel)
+    return models, preset, ar_config, dict(models.dit.build_record.quant)
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -143,18 +124,17 @@ def evaluate_variant(
     name: str, variant: EvalVariantConfig, preset: Preset, cfg: EvaluateConfig, *,
     base_dir: str | os.PathLike = "models/base", samples_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None, work_dir: str | os.PathLike | None = None,
-    prepare: Callable[[Models], None] | None = None, clips_dir: str | os.PathLike = "data/ingest",
+    parallel: ParallelState | None = None, clips_dir: str | os.PathLike = "data/ingest",
 ) -> VariantResult:
-    """Run every evaluation of one variant; ``prepare(models)`` runs after loading (the stage's hook for
-    wrapping the DiT, e.g. sequence parallel). ``clips_dir``: the user's clips (real data: the I2V images)."""
+    """Run every evaluation of one variant; ``parallel`` (a :class:`~longlive.parallel.ParallelState`, from the
+    stage under torchrun): the DiT is built sequence parallel over its SP group. ``clips_dir``: the user's clips
+    (real data: the I2V images)."""
     t_start = time.perf_counter()
     device = resolve_device(device or preset.device)
     take_cuda_peaks(device)  # from here on, this variant's peaks (per phase: details["cuda_peak_mb"])
     if not preset.data.is_synth:  # the prompt set first: a missing one fails before any model is loaded
         prompts = real_eval_prompts(preset, cfg, variant.kind == "i2v", clips_dir)
-    models, vpreset, ar_config, quant = load_variant(name, variant, preset, base_dir, device)
-    if prepare is not None:
-        prepare(models)
+    models, vpreset, ar_config, quant = load_variant(name, variant, preset, base_dir, device, parallel=parallel)
     if not preset.data.is_synth:
         return evaluate_real(name, variant, vpreset, cfg, models, prompts, ar_config=ar_config, quant=quant,
                              device=device, samples_dir=samples_dir, work_dir=work_dir, t_start=t_start)
@@ -360,10 +340,11 @@ def variant_metrics(details: dict, kind: str) -> dict:
 
 def run_evaluate(
     preset: Preset, *, out_dir: str | os.PathLike = "reports/evaluate", base_dir: str | os.PathLike = "models/base",
-    names: list[str] | None = None, device: str | None = None, prepare: Callable[[Models], None] | None = None,
+    names: list[str] | None = None, device: str | None = None, parallel: ParallelState | None = None,
     write: bool = True, work_dir: str | os.PathLike | None = None, clips_dir: str | os.PathLike = "data/ingest",
 ) -> dict[str, VariantResult]:
-    """Evaluate ``names`` (default: every variant of ``preset.evaluate``) and write the outputs."""
+    """Evaluate ``names`` (default: every variant of ``preset.evaluate``) and write the outputs; ``parallel``: see
+    :func:`evaluate_variant`."""
     cfg = preset.evaluate
     if not cfg.variants:
         raise EvaluateError(f"presets.{preset.name}.evaluate.variants is empty; add e.g. "
@@ -376,7 +357,7 @@ def run_evaluate(
     results = {}
     for name in names:
         results[name] = evaluate_variant(
-            name, cfg.variants[name], preset, cfg, base_dir=base_dir, device=device, prepare=prepare,
+            name, cfg.variants[name], preset, cfg, base_dir=base_dir, device=device, parallel=parallel,
             samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir, clips_dir=clips_dir)
     if write:
         write_outputs(results, preset, out_dir)

@@ -1,8 +1,8 @@
-"""``longlive generate``: load the models, stream a video to mp4 and write a JSON of timings.
+"""``longlive generate``: build the models, stream a video to mp4 and write a JSON of timings.
 
-Models: the VAE and text encoder from the base directory (``models/base``: ``vae/``, ``text/``; UMT5 from
-``text.path``), the DiT from ``checkpoint`` (default ``<base>/dit``; any :func:`load_dit` checkpoint), and with
-``inference.decoder: light`` the distilled light decoder (``models/light_decoder``, the distill_decoder stage).
+Models come from :func:`longlive.inference.build.build_models` (the DiT of a checkpoint or release, the base
+directory's VAE and text encoder, the light decoder with ``inference.decoder: light``), built once for the
+inference settings they stream with; :func:`generate_video` runs them as they are.
 """
 
 from __future__ import annotations
@@ -21,62 +21,17 @@ from longlive.config import InferenceConfig, Preset
 from longlive.data.video_io import frames_to_tensor
 from longlive.device import resolve_device
 from longlive.errors import UsageError
+from longlive.inference.build import Models, build_models
 from longlive.inference.pipeline import StreamingPipeline, phase_seconds
-from longlive.inference.request import (  # noqa: F401 - AR_CONFIG_NAME .. inference_overrides: re-exported
-    AR_CONFIG_NAME, FROM_AR_CONFIG, LIGHT_DECODER_DIR, GenerateRequest, check_seconds,
-    inference_overrides, latent_frames_for, read_ar_config, read_image, timings_path, with_ar_config,
+from longlive.inference.request import (
+    LIGHT_DECODER_DIR, GenerateRequest, check_seconds, latent_frames_for, read_image, timings_path,
 )
 from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule
 from longlive.inference.writer import BlockDecoder, Mp4Stream
 from longlive.io import write_text_atomic
-from longlive.models.dit import WanDiT
+from longlive.models.checkpoint import Checkpoint
 from longlive.models.light_decoder import DISTILL_STAGE, LightDecoder
-from longlive.models.text import TextEncoder, load_text_encoder
 from longlive.models.vae import WanVAE
-from longlive.models.lora import load_and_merge_adapter
-from longlive.quant.checkpoint import is_nvfp4_checkpoint, load_nvfp4_dit
-from longlive.models.wan_adapter import load_dit
-
-
-@dataclass
-class Models:
-    dit: WanDiT
-    vae: WanVAE
-    text: TextEncoder
-    light_decoder: LightDecoder | None = None  # inference.decoder: light
-
-
-def load_models(
-    preset: Preset,
-    base: str | os.PathLike = "models/base",
-    checkpoint: str | os.PathLike | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    light_decoder: str | os.PathLike = LIGHT_DECODER_DIR,
-) -> Models:
-    """``light_decoder``: where the light decoder is read from when ``preset.inference.decoder`` is ``light`` (it
-    goes to the VAE's device, in ``dtype``, float32 when None)."""
-    base = Path(base)
-    device = torch.device(device)
-    checkpoint = Path(checkpoint or base / "dit")
-    export_dir = None
-    if (checkpoint / "dit").is_dir():  # a train_ar / train_dmd export: dit/ beside ar_config.json
-        export_dir, checkpoint = checkpoint, checkpoint / "dit"
-    if is_nvfp4_checkpoint(checkpoint):  # a quantize-stage export: packed weights, backend picked for the device
-        dit = load_nvfp4_dit(checkpoint, backend=preset.quant.backend, device=device)
-    else:
-        dit = load_dit(checkpoint, dtype=dtype, expect=preset.dit)
-        # a LoRA-trained student: lora.safetensors beside dit/ (given the export or its dit/ directory)
-        load_and_merge_adapter(dit, export_dir or checkpoint.parent)
-        dit = dit.to(device).eval()
-    vae_device = resolve_device(preset.inference.vae_device) if preset.inference.vae_device != "auto" else device
-    vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
-    text = load_text_encoder(preset.text, base / "text")
-    light = None
-    if preset.inference.decoder == "light":  # on the VAE's device: vae_device is the decoder's device
-        light = LightDecoder.from_pretrained(light_decoder, expect=preset.light_decoder, latent_channels=vae.z_dim,
-                                             dtype=dtype or torch.float32, device=vae_device)
-    return Models(dit, vae, text, light)
 
 
 def load_release_models(
@@ -87,9 +42,9 @@ def load_release_models(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[Models, Preset]:
-    """Load a release folder (``longlive pull``): the DiT of checkpoint ``variant``, the release's VAE and text
-    encoder, and the preset the release was built with (unless ``preset`` is given), its
-    inference settings updated from the student's ``ar_config.json``. ``release`` may also be
+    """Build a release folder's models (``longlive pull``): the DiT of checkpoint ``variant``, the release's VAE
+    and text encoder, and the preset the release was built with (unless ``preset`` is given), its inference
+    settings merged with the student's trained layout (:meth:`Checkpoint.inference`). ``release`` may also be
     ``<release>/checkpoints/<variant>``. Returns ``(models, preset)`` for :func:`generate_video`."""
     from longlive.publish import ReleaseError
     from longlive.publish.release import Release, find_release
@@ -99,11 +54,12 @@ def load_release_models(
     checkpoint = rel.checkpoint(name)  # transformer/ for the diffusers pipeline's checkpoint
     kind = rel.info["checkpoints"][name].get("kind")
     if kind != "dit":
-        raise ReleaseError(f"checkpoint {name} of release {rel.version} is {kind}, which load_models cannot "
+        raise ReleaseError(f"checkpoint {name} of release {rel.version} is {kind}, which build_models cannot "
                            "load yet; pick one of its DiT checkpoints (kind dit in release.json)")
+    ckpt = Checkpoint.open(checkpoint)
     preset = preset or rel.preset()
-    preset = preset.model_copy(update={"inference": with_ar_config(preset.inference, read_ar_config(checkpoint))})
-    return load_models(preset, rel.base, checkpoint, device=device, dtype=dtype), preset
+    preset = preset.model_copy(update={"inference": ckpt.inference(preset.inference)})
+    return build_models(preset, rel.base, ckpt, device=device, dtype=dtype), preset
 
 
 def load_image(image: str | os.PathLike | np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -257,26 +213,23 @@ def generate_video(
 
 
 def block_decoder_model(models: Models, cfg: InferenceConfig) -> WanVAE | LightDecoder:
-    """What decodes the blocks: the VAE (with its fused kernels when ``cfg.kernels``) or the light decoder."""
+    """What decodes the blocks: the VAE (as :func:`~longlive.inference.build.build_models` set it up, its fused
+    kernels included) or the light decoder."""
     if cfg.decoder == "light":
         if models.light_decoder is None:
-            raise ValueError(f"inference.decoder is light, but no light decoder was loaded: load_models() reads it "
+            raise ValueError(f"inference.decoder is light, but no light decoder was loaded: build_models() reads it "
                              f"from {LIGHT_DECODER_DIR} when the preset's inference.decoder is light (run "
                              f"`{DISTILL_STAGE}` to make it), or pass Models(light_decoder=...)")
         return models.light_decoder
-    if cfg.kernels:  # the decoder's fused norm + SiLU (bitwise the reference off CUDA)
-        from longlive.inference.fast_vae import apply_vae_kernels
-
-        apply_vae_kernels(models.vae)
     return models.vae
 
 
 def run_request(request: GenerateRequest) -> int:
     """The body of ``longlive generate`` once :func:`~longlive.inference.request.check_generate_args` has
-    passed: load the models, stream the video and say where it went."""
+    passed: build the models, stream the video and say where it went."""
     device = resolve_device(request.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    models = load_models(request.preset, request.base, request.checkpoint, device=device, dtype=dtype)
+    models = build_models(request.preset, request.base, request.checkpoint, device=device, dtype=dtype)
     result = generate_video(models, request.preset, request.schedule, seconds=request.seconds, out=request.out,
                             image=request.image, seed=request.seed)
     t = result.timings

@@ -20,8 +20,8 @@ with its own half of the cache.
 The loop never waits for the GPU: the dense KV cache is preallocated and updated in place
 (:class:`~longlive.models.attention.DenseKVStorage`), noise goes to the device from pinned host memory
 without blocking, timesteps are made on the device, and timings are CUDA events read only when
-:attr:`BlockOutput.timings` is. ``inference.kernels`` / ``compile`` / ``fp8`` set the model up through
-:func:`longlive.inference.fast.optimize` (in place, once).
+:attr:`BlockOutput.timings` is. The pipeline runs the model as it is given: ``inference.kernels`` /
+``compile`` / ``fp8`` are applied when the model is built (:func:`longlive.inference.build.build_dit`).
 """
 
 from __future__ import annotations
@@ -92,17 +92,15 @@ class StreamingPipeline:
     def __init__(
         self, dit: WanDiT, cfg: InferenceConfig, device: torch.device | str | None = None, *, kv_cache: str = "dense",
     ) -> None:
-        """``kv_cache``: ``dense`` K/V in the model's dtype, or ``nvfp4`` (``longlive.quant.kv_cache``)."""
+        """``kv_cache``: ``dense`` K/V in the model's dtype, or ``nvfp4`` (``longlive.quant.kv_cache``). ``dit`` is
+        streamed as it is (built for inference by :func:`~longlive.inference.build.build_dit`); nothing here
+        changes it, so one model serves any number of pipelines."""
         if dit.cfg.patch_size[0] != 1:
             raise ValueError("streaming needs dit.patch_size[0] == 1 (one post-patch frame per latent frame)")
-        self.dit, self.cfg = dit.eval(), cfg
+        self.dit, self.cfg = dit, cfg
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
         self.sigmas = step_sigmas(cfg.denoising_steps, cfg.timestep_shift)
         self.kv_cache = kv_cache
-        if cfg.kernels or cfg.compile or cfg.fp8:
-            from longlive.inference.fast import optimize
-
-            optimize(dit, kernels=cfg.kernels, compile=cfg.compile, fp8=cfg.fp8, fp8_attention=cfg.fp8_attention)
         self.cache = self.new_cache()
 
     def new_cache(self) -> RollingKVCache:

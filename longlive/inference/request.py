@@ -10,7 +10,6 @@ traceback. The module imports nothing heavier than pydantic, PIL and numpy (torc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,64 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from longlive.config import InferenceConfig, Preset
+from longlive.config import Preset
 from longlive.errors import UsageError
 from longlive.inference.schedule import PromptSchedule, ScheduleError, block_sizes, latent_frame_at
+from longlive.models.checkpoint import AR_CONFIG_NAME, DIT_DIR, Checkpoint
 
 LIGHT_DECODER_DIR = "models/light_decoder"  # the distill_decoder stage's output
-AR_CONFIG_NAME = "ar_config.json"  # written by train_ar beside the student's dit/ directory
-FROM_AR_CONFIG = ("block_frames", "independent_first_frame", "denoising_steps", "timestep_shift", "max_block_position")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that take H.264 from imageio's ffmpeg writer
 
 
 def timings_path(out: str | os.PathLike) -> Path:
     """The timings JSON beside a video: ``video.mp4`` -> ``video.json``."""
     return Path(out).with_suffix(".json")
-
-
-def read_ar_config(checkpoint: str | os.PathLike) -> dict | None:
-    """The ``ar_config.json`` of a train_ar export (in the checkpoint directory or its parent), if any."""
-    for d in (Path(checkpoint), Path(checkpoint).parent):
-        if (d / AR_CONFIG_NAME).is_file():
-            try:
-                return json.loads((d / AR_CONFIG_NAME).read_text())
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{d / AR_CONFIG_NAME} is not valid JSON ({e}); re-export the checkpoint "
-                                 "(train_ar writes it) or delete the file") from None
-    return None
-
-
-def with_ar_config(cfg: InferenceConfig, ar_config: dict | None) -> InferenceConfig:
-    """The student's training layout and step list (block size, first frame, steps, shift) win over the preset's."""
-    if not ar_config:
-        return cfg
-    return InferenceConfig.model_validate({**cfg.model_dump(), **{k: ar_config[k] for k in FROM_AR_CONFIG if k in ar_config}})
-
-
-def validation_line(e) -> str:
-    """A pydantic ``ValidationError`` as one line: ``field: message (got value); ...``."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']} (got {err.get('input')!r})"
-                     for err in e.errors())
-
-
-def inference_overrides(cfg: InferenceConfig, pairs: list[str]) -> InferenceConfig:
-    """Apply ``KEY=VALUE`` overrides (values parsed as YAML) and re-validate."""
-    import yaml
-    from pydantic import ValidationError
-
-    updates = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in InferenceConfig.model_fields:
-            raise UsageError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(InferenceConfig.model_fields)}")
-        try:
-            updates[key] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UsageError(f"--set {pair!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote it") from None
-    try:
-        return InferenceConfig.model_validate({**cfg.model_dump(), **updates})
-    except ValidationError as e:
-        raise UsageError(f"--set: {validation_line(e)}; see `longlive config` for the current inference settings") from None
 
 
 def check_seconds(seconds: float, max_seconds: float) -> float:
@@ -137,7 +90,7 @@ def check_out(out: str | os.PathLike) -> Path:
 
 
 def check_models(preset: Preset, base: Path, checkpoint: Path) -> None:
-    """The model directories :func:`~longlive.inference.generate.load_models` will read, present as directories."""
+    """The model directories :func:`~longlive.inference.build.build_models` will read, present as directories."""
     hint = "run `dvc repro base` (or `longlive stage base`), or pass --base DIR"
     if not base.is_dir():
         raise UsageError(f"base models directory {base} not found; {hint}")
@@ -151,7 +104,7 @@ def check_models(preset: Preset, base: Path, checkpoint: Path) -> None:
     if not checkpoint.is_dir():
         raise UsageError(f"checkpoint {checkpoint} not found; give a DiT directory, a train_ar/train_dmd export "
                          "(with dit/ inside) or a pulled release (`longlive pull`)")
-    if not ((checkpoint / "config.json").is_file() or (checkpoint / "dit" / "config.json").is_file()):
+    if not ((checkpoint / "config.json").is_file() or (checkpoint / DIT_DIR / "config.json").is_file()):
         raise UsageError(f"checkpoint {checkpoint} holds no config.json (nor dit/config.json): it is not a DiT "
                          "directory or a train_ar export; point --checkpoint at one")
     if preset.inference.decoder == "light" and not Path(LIGHT_DECODER_DIR).is_dir():
@@ -172,7 +125,7 @@ def check_device(name: str, what: str = "--device") -> str:
 
 @dataclass
 class GenerateRequest:
-    preset: Preset  # its inference settings are the ones to use (preset, then ar_config.json, then --set)
+    preset: Preset  # its inference settings are the ones to use (Checkpoint.inference: preset < trained < --set)
     base: Path
     checkpoint: Path | None  # None: <base>/dit
     schedule: PromptSchedule
@@ -186,8 +139,6 @@ class GenerateRequest:
 
 def check_generate_args(args) -> GenerateRequest:
     """Validate ``longlive generate``'s arguments (an ``argparse.Namespace``) without loading a model."""
-    from pydantic import ValidationError
-
     from longlive.config import load_preset
     from longlive.publish.release import find_release
 
@@ -205,13 +156,9 @@ def check_generate_args(args) -> GenerateRequest:
         base, checkpoint = release.base, release.checkpoint(variant)
     use_release_preset = release is not None and not (args.preset or args.params)
     preset = release.preset() if use_release_preset else load_preset(args.preset, args.params)
-    checkpoint = Path(checkpoint) if checkpoint else base / "dit"
-    ar_config = read_ar_config(checkpoint)
-    try:
-        cfg = with_ar_config(preset.inference, ar_config)
-    except ValidationError as e:
-        raise UsageError(f"the ar_config.json beside {checkpoint}: {validation_line(e)}; re-export the checkpoint") from None
-    cfg = inference_overrides(cfg, args.set)
+    checkpoint = Path(checkpoint) if checkpoint else base / DIT_DIR
+    ckpt = Checkpoint.open(checkpoint)
+    cfg = ckpt.inference(preset.inference, overrides=args.set)
     preset = preset.model_copy(update={"inference": cfg})
     check_models(preset, base, checkpoint)
     seconds = check_seconds(args.seconds, cfg.max_seconds)
@@ -225,11 +172,10 @@ def check_generate_args(args) -> GenerateRequest:
         warnings += schedule.unused(schedule.plan(sizes, fps, tc), fps, tc)
     except ScheduleError as e:
         raise ScheduleError(f"prompt schedule {args.prompt_schedule}: {e}" if args.prompt_schedule else str(e)) from None
-    i2v = bool(ar_config and ar_config.get("i2v"))
-    if ar_config and ar_config.get("i2v") and image is None:
+    if ckpt.i2v and image is None:
         warnings.append("this student was trained for I2V; pass --image FIRST_FRAME.png")
-    if image is not None and not i2v:
-        why = "its ar_config.json says i2v: false" if ar_config else "it has no ar_config.json with i2v: true"
+    if image is not None and not ckpt.i2v:
+        why = f"its {AR_CONFIG_NAME} says i2v: false" if ckpt.trained else f"it has no {AR_CONFIG_NAME} with i2v: true"
         warnings.append(f"--image with a T2V checkpoint ({checkpoint}: {why}): the image becomes frame 0 but the "
                         "frames after it may not follow it; use an I2V checkpoint (models/ar/i2v)")
 
@@ -240,6 +186,6 @@ def check_generate_args(args) -> GenerateRequest:
 
 
 __all__ = [
-    "AR_CONFIG_NAME", "FROM_AR_CONFIG", "GenerateRequest", "LIGHT_DECODER_DIR", "check_generate_args", "check_out",
-    "check_seconds", "latent_frames_for", "read_ar_config", "read_image", "timings_path", "with_ar_config",
+    "GenerateRequest", "LIGHT_DECODER_DIR", "check_generate_args", "check_out", "check_seconds", "latent_frames_for",
+    "read_image", "timings_path",
 ]

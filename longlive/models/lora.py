@@ -27,11 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from longlive.config import LoRAConfig
+from longlive.models.checkpoint import ADAPTER_FILE, PEFT_CONFIG, PEFT_WEIGHTS  # noqa: F401 - the layout's names
 from longlive.models.wan_adapter import from_diffusers_module, to_diffusers_module
 
-ADAPTER_FILE = "lora.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _PEFT_NAMES = {".down.weight": ".lora_A.weight", ".up.weight": ".lora_B.weight"}
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from longlive.config import Preset, PublishCheckpoint, PublishConfig
 from longlive.io import atomic_dir
+from longlive.models.checkpoint import AR_CONFIG_NAME, CRITIC_DIR, DIT_DIR, QUANT_FILE
 from longlive.publish import hf
 from longlive.publish.card import render_card
 from longlive.publish.manifest import FORMAT, ReleaseError, build_manifest, check_version, json_bytes, write_manifest
@@ -41,7 +42,7 @@ from longlive.secrets import redact_options, redact_url
 log = logging.getLogger(__name__)
 
 RELEASE_JSON = "release.json"
-QUANT_FILES = ("quantization.json", "quant_config.json")  # recorded beside NVFP4 weights by the quantize stage
+QUANT_FILES = (QUANT_FILE, "quant_config.json")  # what a quantized checkpoint records about itself beside its weights
 
 
 def _copytree(src: Path, dst: Path) -> None:
@@ -94,7 +95,7 @@ def detect_quantization(folder: Path) -> dict:
 
 
 def _dit_dir(src: Path) -> Path:
-    return src / "dit" if (src / "dit").is_dir() else src
+    return src / DIT_DIR if (src / DIT_DIR).is_dir() else src
 
 
 def _check_dit(dit: Path, name: str, preset: Preset) -> None:
@@ -102,7 +103,7 @@ def _check_dit(dit: Path, name: str, preset: Preset) -> None:
 
     if not (dit / CONFIG_NAME).is_file():
         raise ReleaseError(
-            f"checkpoint {name}: {dit} has no {CONFIG_NAME}; expected a train_ar export (dit/ + ar_config.json) or a "
+            f"checkpoint {name}: {dit} has no {CONFIG_NAME}; expected a train_ar export ({DIT_DIR}/ + {AR_CONFIG_NAME}) or a "
             f"DiT directory; for an NVFP4 checkpoint set publish.checkpoints.{name}.quantization"
         )
     spec = dit_config_from_diffusers(json.loads((dit / CONFIG_NAME).read_text()))
@@ -137,7 +138,7 @@ def add_checkpoint(dest: Path, name: str, spec: PublishCheckpoint, preset: Prese
         dest.mkdir(parents=True)
         for item in src.iterdir():  # ar_config.json and anything else of a train_ar export
             # a DMD export's critic/ (the fake score) is training state, not part of the model
-            if dit != src and item.name not in ("dit", "critic") and not item.name.startswith("."):
+            if dit != src and item.name not in (DIT_DIR, CRITIC_DIR) and not item.name.startswith("."):
                 (_copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
         source = tensor_stats(dit)
         if spec.dtype == "bf16":
@@ -146,14 +147,14 @@ def add_checkpoint(dest: Path, name: str, spec: PublishCheckpoint, preset: Prese
             from longlive.models.wan_adapter import load_dit, save_dit
 
             # Through the model, not tensor by tensor: the model knows which parts stay float32.
-            save_dit(load_dit(dit, dtype=torch.bfloat16, expect=preset.dit), dest / "dit")
+            save_dit(load_dit(dit, dtype=torch.bfloat16, expect=preset.dit), dest / DIT_DIR)
         else:
-            _copytree(dit, dest / "dit")
+            _copytree(dit, dest / DIT_DIR)
         info = {"kind": "dit", "dtype": spec.dtype if spec.dtype == "bf16" else "stored",
                 "source_dtypes": source["dtypes"], "quantization": None}
         info.update(hf.add_hf_layout(dest, spec, preset))  # LoRA merged or in peft's format; the diffusers record
-        if (dest / "ar_config.json").is_file():
-            ar = json.loads((dest / "ar_config.json").read_text())
+        if (dest / AR_CONFIG_NAME).is_file():
+            ar = json.loads((dest / AR_CONFIG_NAME).read_text())
             info["ar_config"] = {k: ar[k] for k in ("variant", "i2v", "block_frames", "denoising_steps",
                                                     "timestep_shift", "distilled") if k in ar}
     stats = tensor_stats(dest)

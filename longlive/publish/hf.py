@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longlive.config import Preset, PublishCheckpoint, PublishConfig
+from longlive.models.checkpoint import ADAPTER_FILE, DIT_DIR, PEFT_CONFIG, PEFT_WEIGHTS
 from longlive.publish.manifest import ReleaseError, json_bytes, verify_folder
 from longlive.secrets import redact
 
@@ -95,10 +96,7 @@ def add_hf_layout(dest: Path, spec: PublishCheckpoint, preset: Preset) -> dict:
     records (the diffusers class of ``dit/``, the LoRA state)."""
     import torch
 
-    from longlive.models.lora import (
-        ADAPTER_FILE, PEFT_CONFIG, PEFT_WEIGHTS, apply_lora, load_lora_state_dict, merge_lora, read_adapter,
-        save_peft_adapter,
-    )
+    from longlive.models.lora import apply_lora, load_lora_state_dict, merge_lora, read_adapter, save_peft_adapter
     from longlive.models.wan_adapter import load_dit, save_dit
 
     info = {"diffusers": {"transformer": {"class": "WanTransformer3DModel", "subfolder": f"checkpoints/{dest.name}/dit"}},
@@ -110,10 +108,10 @@ def add_hf_layout(dest: Path, spec: PublishCheckpoint, preset: Preset) -> dict:
     modules = len(state) // 2  # a down and an up weight each (cfg.targets may be suffixes matching many)
     if spec.lora == "merged":
         src = Path(spec.path)
-        src_dit = src / "dit" if (src / "dit").is_dir() else src
+        src_dit = src / DIT_DIR if (src / DIT_DIR).is_dir() else src
         # Merge in float32 from the source, then give every tensor the dtype add_checkpoint chose for it
         # (bf16 with float32 norms, or as stored): merging into bf16 weights would round twice.
-        want = _dtypes(load_dit(dest / "dit", expect=preset.dit))
+        want = _dtypes(load_dit(dest / DIT_DIR, expect=preset.dit))
         model = load_dit(src_dit, dtype=torch.float32, expect=preset.dit)
         apply_lora(model, cfg, freeze_base=False)
         load_lora_state_dict(model, state)
@@ -124,7 +122,7 @@ def add_hf_layout(dest: Path, spec: PublishCheckpoint, preset: Preset) -> dict:
             for name, b in model.named_buffers():
                 if name in want:
                     b.data = b.data.to(want[name])
-        save_dit(model, dest / "dit")
+        save_dit(model, dest / DIT_DIR)
         info["lora"] = {"merged": True, "rank": cfg.rank, "alpha": cfg.alpha, "modules": modules}
     else:
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:  # same disk: the rename below is atomic
@@ -157,7 +155,7 @@ def _move_to_transformer(root: Path, name: str) -> None:
     """``checkpoints/<name>/dit/*`` and the export's other files (``ar_config.json``) become ``transformer/``:
     renames inside the folder being built, so no weight is copied."""
     src, dst = root / "checkpoints" / name, root / TRANSFORMER
-    os.rename(src / "dit", dst)
+    os.rename(src / DIT_DIR, dst)
     for item in sorted(src.iterdir()):
         if (dst / item.name).exists():
             raise ReleaseError(f"checkpoint {name}: the export's {item.name} would overwrite the transformer's own "

@@ -46,7 +46,7 @@ class Release:
         return variant
 
     def checkpoint(self, variant: str | None = None) -> Path:
-        """The folder load_models takes for ``variant``: ``transformer/`` for the diffusers pipeline's checkpoint,
+        """The folder build_models takes for ``variant``: ``transformer/`` for the diffusers pipeline's checkpoint,
         ``checkpoints/<variant>`` for the others (release.json's ``path``; older releases have no such key)."""
         name = self.variant(variant)
         return self.root / self.info["checkpoints"][name].get("path", f"checkpoints/{name}")

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from longlive.config import DiTConfig, QuantConfig
 from longlive.io import atomic_dir, save_safetensors
+from longlive.models.checkpoint import QUANT_FILE
 from longlive.models.dit import WanDiT
 from longlive.quant.convert import ConversionReport, convert_to_nvfp4
 
-QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.nvfp4.safetensors"
 FORMAT = "nvfp4"
 

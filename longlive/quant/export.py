@@ -1,8 +1,8 @@
 """The ``quantize`` stage's work: LoRA first, then NVFP4; the checkpoint, its errors, sizes and quality.
 
-For one few-step student (a ``train_dmd`` export): merge its LoRA adapters into the weights, convert the
-linears to NVFP4 (``quant`` in params: kept layers, scale rule, 2D blocks), write the NVFP4 checkpoint
-(``dit/`` + the student's ``ar_config.json``), and report
+For one few-step student (a ``train_dmd`` export), built by :func:`longlive.inference.build.build_dit` (its LoRA
+adapters merged into the weights at load): convert the linears to NVFP4 (``quant`` in params: kept layers,
+scale rule, 2D blocks), write the NVFP4 checkpoint (``dit/`` + the student's ``ar_config.json``), and report
 
 * per-layer weight error ``||W - dq(q(W))|| / ||W||``;
 * weight bytes of the NVFP4 model against the same model in bf16, overall and over the quantized layers;
@@ -23,15 +23,13 @@ import numpy as np
 import torch
 
 from longlive.config import Preset
-from longlive.models.lora import load_and_merge_adapter
-from longlive.models.wan_adapter import load_dit
+from longlive.models.checkpoint import AR_CONFIG_NAME, DIT_DIR, Checkpoint, write_trained
 from longlive.quant.checkpoint import save_nvfp4_dit
 from longlive.quant.convert import convert_to_nvfp4, weight_bytes
 from longlive.quant.kv_cache import NVFP4KVStorage
 from longlive.quant.linear import NVFP4Linear
 
 log = logging.getLogger(__name__)
-AR_CONFIG_NAME = "ar_config.json"
 
 
 def kv_bytes_per_frame(num_layers: int, frame_tokens: int, num_heads: int, head_dim: int) -> tuple[int, int]:
@@ -50,16 +48,20 @@ def quantize_student(
     num_prompts: int, plots_dir: str | os.PathLike | None = None, device: str = "cpu",
 ) -> dict:
     """Quantize one student to ``out_dir`` and return the metrics (see the module docstring)."""
-    from longlive.eval.quality import evaluate, load_checkpoint  # the eval stack loads VAE/text; only here
+    # the eval stack loads VAE/text, and the build sits above this layer: both only here (issue 19.3 moves the
+    # scoring into the stage)
+    from longlive.eval.quality import evaluate, load_checkpoint
+    from longlive.inference.build import build_dit
 
     student_dir, out_dir = Path(student_dir), Path(out_dir)
-    cfg_path = student_dir / AR_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: quantize starts from a train_dmd (or train_ar) export")
-    ar_config = json.loads(cfg_path.read_text())
-    model = load_dit(student_dir / "dit", dtype=torch.float32, expect=preset.dit)
-    merged = load_and_merge_adapter(model, student_dir)  # LoRA first, then quantize
-    model = model.to(device)  # quantized where it runs: the backend below is picked for this device
+    student = Checkpoint.open(student_dir)
+    if student.trained is None:
+        raise FileNotFoundError(f"{student_dir / AR_CONFIG_NAME} not found: quantize starts from a train_dmd (or "
+                                "train_ar) export")
+    ar_config = student.trained
+    # LoRA merged first, then quantized where it runs: the backend below is picked for this device
+    model = build_dit(student, preset, device=device, dtype=torch.float32)
+    merged = model.build_record.lora_merged
     bf16_bytes = weight_bytes(model, 2)
     t0 = time.perf_counter()
     backend = "emulated" if device == "cpu" else preset.quant.backend
@@ -71,10 +73,8 @@ def quantize_student(
     q_nvfp4 = sum(m.weight_nvfp4().nbytes for m in linears.values())
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_nvfp4_dit(model, out_dir / "dit", preset.quant, report)
-    tmp = out_dir / (AR_CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps({**ar_config, "quantized": "nvfp4", "lora_merged": merged}, indent=2) + "\n")
-    os.replace(tmp, out_dir / AR_CONFIG_NAME)
+    save_nvfp4_dit(model, out_dir / DIT_DIR, preset.quant, report)
+    write_trained(out_dir, {**ar_config, "quantized": "nvfp4", "lora_merged": merged})
 
     d = preset.dit
     h, w = preset.latent_shape[2:]

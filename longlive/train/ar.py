@@ -63,18 +63,17 @@ from longlive.device import resolve_device
 from longlive.diffusion import flow
 from longlive.models.attention import cached_history, teacher_forcing_mask_from_history
 from longlive.models.dit import WanDiT
+from longlive.inference.build import build_dit
+from longlive.models.checkpoint import DIT_DIR, write_trained
 from longlive.models.text import load_text_encoder
-from longlive.models.wan_adapter import load_dit, save_dit
-from longlive.quant.convert import apply_qat
+from longlive.models.wan_adapter import save_dit
 from longlive.secrets import redact_url
-from longlive.parallel import ParallelState, parallelize, plain_copy
+from longlive.parallel import ParallelState, plain_copy
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, run_training, write_history
 from longlive.train.tracking import stage_config
 
 log = logging.getLogger(__name__)
-
-AR_CONFIG_NAME = "ar_config.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,11 +415,9 @@ def train_ar(
         with torch.no_grad():
             null_context = load_text_encoder(preset.text, text_path).encode([""])[0][0].float().cpu()
 
-    model = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
-    if preset.quant.qat:  # NVFP4 fake quantization (QAT); same parameters, so the export stays plain weights
-        apply_qat(model, preset.quant)
-    if parallel is not None:  # after module swaps (QAT): SP wraps activations, FSDP shards the weights
-        parallelize(model, parallel, training=True)
+    # QAT (NVFP4 fake quantization) keeps the parameters, so the export stays plain weights; SP and FSDP last
+    model = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True,
+                      quant="qat" if preset.quant.qat else "none", parallel=parallel)
     C, F, h, w = data.first().latents.shape
     if (C, F, h, w) != preset.latent_shape:
         raise ValueError(f"shard latents are {(C, F, h, w)}, the preset expects {preset.latent_shape}; re-encode")
@@ -435,7 +432,7 @@ def train_ar(
         return loss, {}
 
     settings = {k: v for k, v in cfg.model_dump().items() if k not in ("variants", "train", "ckpt_every", "shards_in_memory")}
-    fingerprint = json.dumps({"data": data.fingerprint, "base": _file_stamp(base_dir / "dit"), "variant": variant.model_dump(),
+    fingerprint = json.dumps({"data": data.fingerprint, "base": _file_stamp(base_dir / DIT_DIR), "variant": variant.model_dump(),
                               "ar": settings, **qat_fingerprint(preset)}, sort_keys=True)
     t0 = time.time()
     history = run_training(
@@ -455,8 +452,8 @@ def train_ar(
 
     export = plain_copy(model, parallel) if parallel is not None and parallel.distributed else model
     if export is not None:  # the main rank (every rank gathered its shards for it)
-        save_dit(export, out_dir / "dit")
-        (out_dir / AR_CONFIG_NAME).write_text(json.dumps(inference_config(preset, variant_name), indent=2) + "\n")
+        save_dit(export, out_dir / DIT_DIR)
+        write_trained(out_dir, inference_config(preset, variant_name))
         write_history(history, plots_dir / "loss.json")
     tail = max(1, len(history) // 10)
     metrics = {  # numbers only: DVC metrics and the Prefect table
@@ -502,5 +499,5 @@ def evaluate(
 __all__ = [
     "frame_blocks", "block_sizes", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
     "Clip", "ShardClips", "collate", "TFBatch", "build_batch", "masked_flow_loss", "tf_forward",
-    "train_ar", "inference_config", "ARResult", "AR_CONFIG_NAME",
+    "train_ar", "inference_config", "ARResult",
 ]

@@ -41,13 +41,15 @@ from longlive.config import DMDConfig, Preset
 from longlive.data.prompts import PromptCorpus, PromptError, embed_prompts, read_corpus
 from longlive.device import resolve_device
 from longlive.diffusion import dmd, flow
+from longlive.inference.build import build_dit
+from longlive.models.checkpoint import AR_CONFIG_NAME, CRITIC_DIR, DIT_DIR, Checkpoint, write_trained
 from longlive.models.dit import Block, WanDiT
-from longlive.models.lora import apply_lora, has_lora, load_and_merge_adapter, save_adapter
-from longlive.quant.convert import apply_qat, remove_qat
+from longlive.models.lora import has_lora, save_adapter
+from longlive.quant.convert import remove_qat
 from longlive.models.text import load_text_encoder
-from longlive.models.wan_adapter import load_dit, save_dit
+from longlive.models.wan_adapter import save_dit
 from longlive.train.ar import (
-    AR_CONFIG_NAME, Clip, ClipMasks, ShardClips, _file_stamp, build_batch, collate, masked_flow_loss, tf_forward,
+    Clip, ClipMasks, ShardClips, _file_stamp, build_batch, collate, masked_flow_loss, tf_forward,
 )
 from longlive.train.ema import EMA
 from longlive.train.loop import run_training, write_history
@@ -198,11 +200,11 @@ def train_dmd(
     if student not in cfg.students:
         raise KeyError(f"unknown student {student!r}; dmd.students has {sorted(cfg.students)}")
     ar_dir, base_dir, out_dir, work_dir, plots_dir = map(Path, (ar_dir, base_dir, out_dir, work_dir, plots_dir))
-    cfg_path = ar_dir / AR_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: train_dmd starts from a train_ar export; "
+    ar_export = Checkpoint.open(ar_dir)
+    if ar_export.trained is None:
+        raise FileNotFoundError(f"{ar_dir / AR_CONFIG_NAME} not found: train_dmd starts from a train_ar export; "
                                 f"run `dvc repro train_ar@{variant}` first")
-    ar_config = json.loads(cfg_path.read_text())
+    ar_config = ar_export.trained
     steps = cfg.students[student]
     layout = layout_from_ar_config(ar_config, steps, cfg.timestep_shift)
     device = resolve_device(preset.device)
@@ -225,23 +227,20 @@ def train_dmd(
         del encoder  # UMT5 is large: only its embeddings stay
     null_context = null_context.to(device)
 
-    teacher = load_dit(base_dir / "dit", dtype=frozen_dtype(cfg.frozen_dtype, device), expect=preset.dit).to(device)
-    teacher.requires_grad_(False).eval()
+    teacher = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=frozen_dtype(cfg.frozen_dtype, device),
+                        frozen=True)
     if qat_from is None:
-        generator = load_dit(ar_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
-        critic = load_dit(base_dir / "dit", dtype=torch.float32, expect=preset.dit).to(device)
-        if cfg.lora is not None:
-            apply_lora(generator, cfg.lora)
+        generator = build_dit(ar_export, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora)
+        critic = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True)
     else:
         qat_from = Path(qat_from)
-        if not (qat_from / "critic").is_dir():
-            raise FileNotFoundError(f"{qat_from}/critic not found: QAT fine-tunes a train_dmd export "
+        init = Checkpoint.open(qat_from)
+        if not init.critic().exists:
+            raise FileNotFoundError(f"{qat_from}/{CRITIC_DIR} not found: QAT fine-tunes a train_dmd export "
                                     f"(run `dvc repro train_dmd@{variant}-{student}` first)")
-        generator = load_dit(qat_from / "dit", dtype=torch.float32, expect=preset.dit)
-        load_and_merge_adapter(generator, qat_from)  # QAT trains the merged weights the quantizer will see
-        generator = generator.to(device)
-        critic = load_dit(qat_from / "critic", dtype=torch.float32, expect=preset.dit).to(device)
-        apply_qat(generator, preset.quant)
+        # QAT trains the merged weights (the adapter beside dit/ merged at load) the quantizer will see
+        generator = build_dit(init, preset, device=device, dtype=torch.float32, training=True, quant="qat")
+        critic = build_dit(init.critic(), preset, device=device, dtype=torch.float32, training=True)
         cfg = cfg.model_copy(update={"lora": None, "train": cfg.train.model_copy(update={"steps": cfg.qat_steps}),
                                      "ema": cfg.ema.model_copy(update={"start_step": 0})})
     if cfg.activation_checkpointing:
@@ -273,8 +272,8 @@ def train_dmd(
 
     fingerprint = json.dumps({"data": data.fingerprint, "prompts": corpus.sha256 if corpus else None,
                               "qat_from": str(qat_from) if qat_from else None,
-                              "init": _file_stamp((qat_from or ar_dir) / "dit"),
-                              "base": _file_stamp(base_dir / "dit"), "student": steps,
+                              "init": _file_stamp((qat_from or ar_dir) / DIT_DIR),
+                              "base": _file_stamp(base_dir / DIT_DIR), "student": steps,
                               "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
     t0 = time.time()
     history = run_training(
@@ -324,17 +323,15 @@ def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int],
         for name, m in list(plain.named_modules()):  # the frozen base weights, adapters saved apart
             if isinstance(m, LoRALinear):
                 _set(plain, name, m.base)
-    save_dit(plain, out_dir / "dit")
+    save_dit(plain, out_dir / DIT_DIR)
     if has_lora(generator):
         save_adapter(generator, cfg.lora, out_dir)
     if critic is not None:
-        save_dit(unwrap_checkpointing(critic), out_dir / "critic")
+        save_dit(unwrap_checkpointing(critic), out_dir / CRITIC_DIR)
     student_config = {**ar_config, "denoising_steps": list(steps), "timestep_shift": cfg.timestep_shift,
                       "denoising_sigmas": [round(s, 6) for s in flow.step_list_sigmas(steps, cfg.timestep_shift).tolist()],
                       "distilled": "dmd", "ar_denoising_steps": ar_config["denoising_steps"], "qat": qat}
-    tmp = out_dir / (AR_CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(student_config, indent=2) + "\n")
-    os.replace(tmp, out_dir / AR_CONFIG_NAME)
+    write_trained(out_dir, student_config)
 
 
 def unwrap_checkpointing(model: WanDiT) -> WanDiT:
