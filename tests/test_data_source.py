@@ -19,8 +19,14 @@ def test_real_presets_wait_for_a_source_and_tiny_keeps_synth():
 def test_a_stage_that_reads_clips_names_the_key_to_set(stage, tmp_path, monkeypatch):
     import importlib
 
+    import runpy
+    from pathlib import Path
+
+    # the small preset as `dvc exp run -S preset=small` records it (LONGLIVE_PRESET alone is refused)
+    root = Path(__file__).resolve().parent.parent
+    runpy.run_path(str(root / "scripts/compose_params.py"))["compose"](["preset=small"], out=tmp_path / "params.yaml")
+    monkeypatch.setenv("LONGLIVE_PARAMS", str(tmp_path / "params.yaml"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LONGLIVE_PRESET", "small")
     module = importlib.import_module(f"stages.{stage}")
     with pytest.raises(SystemExit) as e:
         module.main()

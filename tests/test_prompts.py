@@ -133,7 +133,8 @@ def _dmd_setup(preset, shards, record, tmp_path, variant, prompts):
     from longlive.models.dit import WanDiT
     from longlive.models.text import TinyTextEncoder
     from longlive.models.wan_adapter import save_dit
-    from longlive.train.ar import AR_CONFIG_NAME, inference_config
+    from longlive.models.checkpoint import AR_CONFIG_NAME
+    from longlive.train.ar import inference_config
 
     dmd_cfg = preset.dmd.model_copy(update={
         "train": preset.dmd.train.model_copy(update={"steps": 3, "batch_size": 2, "log_every": 1}),
