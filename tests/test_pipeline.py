@@ -27,7 +27,7 @@ def test_repro_produces_every_stage_output(project):
     for plot in ("vae_loss.json", "teacher_loss.json"):
         rows = json.loads((project / "reports/base" / plot).read_text())
         assert len(rows) == 3 and all("loss" in r for r in rows)
-    assert not (project / ".work/base").exists(), "resume state is removed once the stage finished"
+    assert not list((project / ".work/base").rglob("checkpoint.pt*")), "resume state is removed once the stage finished"
 
 
 def test_second_repro_does_nothing(project):

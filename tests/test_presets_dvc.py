@@ -113,6 +113,10 @@ def lock(project: Path, stage: str) -> dict:
     return yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
 
 
+# small reads the user's videos by default (data.source unset); these tests switch to it on synth's shapes
+SMALL_ON_SYNTH = "presets.small.data.source=synth"
+
+
 def clips(project: Path) -> int:
     return len((project / "data/synth/index.jsonl").read_text().splitlines())
 
@@ -138,7 +142,7 @@ def test_switching_preset_with_dvc_exp_run_is_what_dvc_lock_records(project):
     assert not tiny_items & {"train_qat@t2v-4step", "quantize@t2v-2step", "quantize@i2v-4step-qat"}
     assert lock(project, "synth")["params"]["params.yaml"]["preset"] == "tiny" and clips(project) == 12
 
-    run(["dvc", "exp", "run", "-S", "preset=small", "synth"], project)
+    run(["dvc", "exp", "run", "-S", "preset=small", "-S", SMALL_ON_SYNTH, "synth"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["preset"] == "small" and list(params["presets"]) == ["small"]
     recorded = lock(project, "synth")["params"]["params.yaml"]
@@ -154,7 +158,7 @@ def test_switching_preset_with_dvc_exp_run_is_what_dvc_lock_records(project):
 @pytest.mark.slow
 def test_a_disagreeing_LONGLIVE_PRESET_fails_with_one_line_naming_the_route(project):
     if yaml.safe_load((project / "params.yaml").read_text())["preset"] != "small":
-        run(["dvc", "exp", "run", "-S", "preset=small", "synth"], project)
+        run(["dvc", "exp", "run", "-S", "preset=small", "-S", SMALL_ON_SYNTH, "synth"], project)
     before = (project / "dvc.lock").read_text()
     env = {**os.environ, "LONGLIVE_PRESET": "tiny"}
     stage = run([sys.executable, "-m", "stages.synth"], project, check=False, env=env)
