@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -136,3 +137,13 @@ def load_state(path: str | os.PathLike, *, remove: str | os.PathLike | None = No
             f"written by an older version or planted, and nothing in it was run. Delete {remove or path} to start "
             "this stage over"
         ) from None
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """Cheap identity of a checkpoint directory (names, sizes, mtimes of its files): training fingerprints
+    hold it, so a changed input (base DiT, VAE, text encoder, AR init) restarts training instead of resuming."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

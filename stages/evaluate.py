@@ -19,7 +19,7 @@ import torch
 
 from longlive.eval.suite import SAMPLES_DIR, EvaluateError, run_evaluate
 from longlive.eval.tracking import log_results
-from longlive.train.tracking import wandb_mode
+from longlive.tracking import wandb_mode
 from stages._common import setup
 
 OUT = Path("reports/evaluate")

@@ -5,7 +5,7 @@ its report."""
 import sys
 from pathlib import Path
 
-from longlive.quant.export import quantize_student
+from longlive.eval.quantize import quantize_student
 from longlive.device import resolve_device
 from stages._common import setup, write_json
 

@@ -187,6 +187,7 @@ def test_quantize_evaluate_eval_quality_generate_and_bench_build_their_models(pr
     from longlive.eval import quality, suite
     from longlive.inference import generate
     from longlive.inference.request import GenerateRequest
+    from longlive.eval.quantize import quantize_student
     from longlive.quant import export
 
     student = export_dir(tmp_path / "student", base_dir, preset)
@@ -197,7 +198,7 @@ def test_quantize_evaluate_eval_quality_generate_and_bench_build_their_models(pr
 
     monkeypatch.setattr(export, "convert_to_nvfp4", convert)
     with pytest.raises(Reached):
-        export.quantize_student(preset, student, tmp_path / "q", base_dir=base_dir, num_prompts=1)
+        quantize_student(preset, student, tmp_path / "q", base_dir=base_dir, num_prompts=1)
 
     models, *_ = quality.load_checkpoint(preset, student, base_dir)
     assert_built(models.dit)

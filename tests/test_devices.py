@@ -300,6 +300,7 @@ def test_quantize_stage_converts_on_the_preset_device(tiny_preset, monkeypatch):
 
 def test_quantize_student_converts_and_evaluates_on_its_device(tiny_preset, base_dir, tmp_path, monkeypatch):
     from longlive.eval import quality
+    from longlive.eval.quantize import quantize_student
     from longlive.quant import export
     from longlive.models.checkpoint import AR_CONFIG_NAME
     from longlive.train.ar import inference_config
@@ -316,7 +317,7 @@ def test_quantize_student_converts_and_evaluates_on_its_device(tiny_preset, base
 
     monkeypatch.setattr(export, "convert_to_nvfp4", convert_to_nvfp4)
     with pytest.raises(Reached):
-        export.quantize_student(tiny_preset, student, tmp_path / "out", base_dir=base_dir, num_prompts=1, device="meta")
+        quantize_student(tiny_preset, student, tmp_path / "out", base_dir=base_dir, num_prompts=1, device="meta")
     # its quality check loads the bf16 and NVFP4 students through load_checkpoint
     models = quality.load_checkpoint(tiny_preset, student, base_dir, device="meta")[0]
     assert_on(META, dit=models.dit, vae=models.vae)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longlive.config import DiTConfig, load_preset
-from longlive.inference.cache import FrameRecord, RollingKVCache
+from longlive.models.cache import FrameRecord, RollingKVCache
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import BlockPlan, PromptSchedule, block_sizes
 from longlive.models.attention import KVCache

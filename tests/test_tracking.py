@@ -14,7 +14,7 @@ from _tiny_models import save_tiny_base
 from _wandb_runs import offline_runs
 from longlive.config import EvalVariantConfig, TrackingConfig, TrainConfig
 from longlive.train.loop import run_training
-from longlive.train.tracking import NullTracker, stage_config, start_tracking, wandb_target
+from longlive.tracking import NullTracker, stage_config, start_tracking, wandb_target
 from test_train_loop import CFG, Killed, make_task
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longlive.diffusion import flow
-from longlive.inference.cache import FrameRecord, RollingKVCache
+from longlive.models.cache import FrameRecord, RollingKVCache
 from longlive.models.dit import WanDiT
 
 

@@ -1,7 +1,7 @@
 """wandb record of an evaluation: every variant's metrics (as scalars and as one table), the regression check
 and the sample videos.
 
-Uses :func:`longlive.train.tracking.start_tracking`, so mode, project and entity follow the same rules as
+Uses :func:`longlive.tracking.start_tracking`, so mode, project and entity follow the same rules as
 training's: offline under ``run_dir`` unless ``WANDB_MODE`` or ``tracking.wandb_mode`` says ``online``
 (``disabled`` logs nothing); ``WANDB_PROJECT`` / ``WANDB_ENTITY`` pick where the run goes. It only reads the
 evaluation's outputs (metrics, mp4 files): nothing is generated or scored again.
@@ -46,9 +46,9 @@ def log_evaluation(
     """Log ``{variant: metrics}`` (scalars ``<variant>/<metric>`` and the table ``metrics``), the regression
     ``comparison`` (``Comparison.to_dict()``) and up to :data:`MAX_VIDEOS_PER_VARIANT` sample mp4s per variant
     (``<variant>/samples/<name>``); returns the wandb run id (None when disabled). ``config``: the run's config
-    (the stage's resolved settings, :func:`longlive.train.tracking.stage_config`); each variant's ``info`` is
+    (the stage's resolved settings, :func:`longlive.tracking.stage_config`); each variant's ``info`` is
     added under ``variants``."""
-    from longlive.train.tracking import WandbTracker, import_wandb, start_tracking
+    from longlive.tracking import WandbTracker, import_wandb, start_tracking
 
     variants = {v: m.get("info", {}) for v, m in metrics.items()}
     run_config = {"preset": preset, **(config or {})}
@@ -87,7 +87,7 @@ def log_results(results: dict, preset, *, samples_dir: str | os.PathLike, run_di
     """The ``evaluate`` stage's record of ``run_evaluate``'s results (``{variant: VariantResult}``): metrics, the
     table and the samples, with the stage's resolved settings (each variant's own inference settings, export
     layout and quantization included) as the run's config."""
-    from longlive.train.tracking import stage_config
+    from longlive.tracking import stage_config
 
     config = stage_config(preset, "evaluate", ("video", "inference", "quant", "evaluate"), variants={
         n: {k: r.details[k] for k in RUN_DETAILS if k in r.details} for n, r in results.items()})

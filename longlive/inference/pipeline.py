@@ -35,7 +35,7 @@ from torch import Tensor
 
 from longlive.config import InferenceConfig
 from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
-from longlive.inference.cache import FrameRecord, RollingKVCache, history_mask
+from longlive.models.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.inference.schedule import BlockPlan
 from longlive.models.attention import DenseKVStorage
 from longlive.models.dit import WanDiT

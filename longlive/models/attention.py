@@ -86,7 +86,7 @@ def cached_history(
 
     ``blocks`` (F,) block index of each frame (non-decreasing), ``shots`` (F,) shot index (default one
     shot). With ``window_frames=None`` that is every frame of an earlier block. Otherwise it is what
-    :class:`longlive.inference.cache.RollingKVCache` keeps: the sink (the first ``sink_frames`` frames
+    :class:`longlive.models.cache.RollingKVCache` keeps: the sink (the first ``sink_frames`` frames
     of the anchor shot -- the shot of the latest earlier frame with ``multishot_sink``, else shot 0)
     plus the ``window_frames`` latest earlier frames outside the sink. Training with this view teaches
     a student exactly the context it will stream with.

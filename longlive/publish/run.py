@@ -73,7 +73,7 @@ def resolve_version(template: str, store: ReleaseStore, preset: Preset, repo: st
 def log_wandb_artifact(folder: Path, result: PublishResult, preset: Preset, work_dir: Path) -> str | None:
     """Record the release as a wandb ``model`` artifact: its card, release.json and manifest, plus a reference
     to where it lives (no bytes are copied into wandb). Offline unless WANDB_MODE/tracking says online."""
-    from longlive.train.tracking import import_wandb, stage_config, wandb_mode, wandb_target
+    from longlive.tracking import import_wandb, stage_config, wandb_mode, wandb_target
 
     mode = wandb_mode(preset.tracking)
     if mode == "disabled":

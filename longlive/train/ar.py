@@ -59,6 +59,7 @@ from torch import Tensor
 from longlive.config import ARConfig, ARVariantConfig, Preset
 from longlive.data.shards import iter_shard
 from longlive.data.validate import require_validated
+from longlive.io import file_stamp
 from longlive.device import resolve_device
 from longlive.diffusion import flow
 from longlive.models.attention import cached_history, teacher_forcing_mask_from_history
@@ -71,7 +72,7 @@ from longlive.secrets import redact_url
 from longlive.parallel import ParallelState, plain_copy
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, run_training, write_history
-from longlive.train.tracking import stage_config
+from longlive.tracking import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -339,15 +340,6 @@ class ARResult:
     metrics: dict
 
 
-def _file_stamp(path: Path) -> str:
-    """Cheap identity of a checkpoint directory (names, sizes, mtimes): a changed base restarts training."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def inference_config(preset: Preset, variant_name: str) -> dict:
     """What inference reads beside the weights (``ar_config.json``)."""
     cfg, variant = preset.ar, preset.ar.variants[variant_name]
@@ -432,7 +424,7 @@ def train_ar(
         return loss, {}
 
     settings = {k: v for k, v in cfg.model_dump().items() if k not in ("variants", "train", "ckpt_every", "shards_in_memory")}
-    fingerprint = json.dumps({"data": data.fingerprint, "base": _file_stamp(base_dir / DIT_DIR), "variant": variant.model_dump(),
+    fingerprint = json.dumps({"data": data.fingerprint, "base": file_stamp(base_dir / DIT_DIR), "variant": variant.model_dump(),
                               "ar": settings, **qat_fingerprint(preset)}, sort_keys=True)
     t0 = time.time()
     history = run_training(

@@ -30,7 +30,7 @@ from longlive.models.text import build_text_encoder, load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import load_wan_transformer, save_dit
 from longlive.train.loop import run_training, write_history
-from longlive.train.tracking import stage_config
+from longlive.tracking import stage_config
 
 # Objects cover a few percent of a frame; without extra weight (and object-centred crops, below) the
 # VAE learns the dark background first and blurs the shapes the prompt-following check must recognise.

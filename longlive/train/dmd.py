@@ -40,6 +40,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from longlive.config import DMDConfig, Preset
 from longlive.data.prompts import PromptCorpus, PromptError, embed_prompts, read_corpus
 from longlive.device import resolve_device
+from longlive.io import file_stamp
 from longlive.diffusion import dmd, flow
 from longlive.inference.build import build_dit
 from longlive.models.checkpoint import AR_CONFIG_NAME, CRITIC_DIR, DIT_DIR, Checkpoint, write_trained
@@ -49,11 +50,11 @@ from longlive.quant.convert import remove_qat
 from longlive.models.text import load_text_encoder
 from longlive.models.wan_adapter import save_dit
 from longlive.train.ar import (
-    Clip, ClipMasks, ShardClips, _file_stamp, build_batch, collate, masked_flow_loss, tf_forward,
+    Clip, ClipMasks, ShardClips, build_batch, collate, masked_flow_loss, tf_forward,
 )
 from longlive.train.ema import EMA
 from longlive.train.loop import run_training, write_history
-from longlive.train.tracking import stage_config
+from longlive.tracking import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def train_dmd(
             with torch.no_grad():
                 null_context = encoder.encode([""])[0][0].float().cpu()
         if to_embed:
-            encoder_id = f"{preset.text.model_dump_json()}:{_file_stamp(Path(text_path))}"
+            encoder_id = f"{preset.text.model_dump_json()}:{file_stamp(Path(text_path))}"
             draw.embeddings = embed_prompts(to_embed, lambda p: encoder.to(device).encode(p)[0],
                                             Path(prompt_cache or work_dir.parent / "prompts"), encoder_id)
         del encoder  # UMT5 is large: only its embeddings stay
@@ -272,8 +273,8 @@ def train_dmd(
 
     fingerprint = json.dumps({"data": data.fingerprint, "prompts": corpus.sha256 if corpus else None,
                               "qat_from": str(qat_from) if qat_from else None,
-                              "init": _file_stamp((qat_from or ar_dir) / DIT_DIR),
-                              "base": _file_stamp(base_dir / DIT_DIR), "student": steps,
+                              "init": file_stamp((qat_from or ar_dir) / DIT_DIR),
+                              "base": file_stamp(base_dir / DIT_DIR), "student": steps,
                               "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
     t0 = time.time()
     history = run_training(

@@ -25,13 +25,14 @@ from torch import Tensor
 from longlive.config import Preset
 from longlive.data.shards import iter_shard
 from longlive.data.validate import require_validated
+from longlive.io import file_stamp
 from longlive.data.synth import load_frames
 from longlive.data.video_io import frames_to_tensor
 from longlive.device import resolve_device
 from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 from longlive.train.loop import run_training, write_history
-from longlive.train.tracking import stage_config
+from longlive.tracking import stage_config
 
 log = logging.getLogger(__name__)
 EVAL_BLOCK_FRAMES = 8  # the light decoder streams held-out clips in blocks of this many latent frames (LongLive's)
@@ -148,7 +149,7 @@ def distill_decoder(
 
     fingerprint = json.dumps({
         "data": hashlib.sha256("".join(e["sha256"] for e in manifest["shards"]).encode()).hexdigest()[:16],
-        "vae": _file_stamp(base_dir / "vae"), "light_decoder": cfg.model_dump(exclude={"distill": {"train"}}),
+        "vae": file_stamp(base_dir / "vae"), "light_decoder": cfg.model_dump(exclude={"distill": {"train"}}),
     }, sort_keys=True)
     t0 = time.time()
     history = run_training(
@@ -216,12 +217,3 @@ def _synced(t0: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
-
-
-def _file_stamp(path: Path) -> str:
-    """Cheap identity of a checkpoint directory (names, sizes, mtimes): a changed VAE restarts training."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]

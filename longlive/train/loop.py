@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from longlive.config import TrackingConfig, TrainConfig
 from longlive.io import load_state
 from longlive.train.ema import EMA
-from longlive.train.tracking import NullTracker, Tracker, start_tracking
+from longlive.tracking import NullTracker, Tracker, start_tracking
 
 if TYPE_CHECKING:
     from longlive.parallel.mesh import ParallelState
@@ -145,7 +145,7 @@ def run_training(
     precision: ``fp32``, ``bf16`` or ``auto`` (bf16 autocast of loss_fn on CUDA, fp32 elsewhere);
     the weights and optimizer state stay fp32. tracking: wandb settings (None: no wandb); its files
     go under ``run_dir/wandb``. The run's config is ``run_config`` (the stage's resolved settings,
-    :func:`longlive.train.tracking.stage_config`) plus this loop's own under ``train``; ``run_name``
+    :func:`longlive.tracking.stage_config`) plus this loop's own under ``train``; ``run_name``
     names the wandb run (default ``name``).
     param_groups: ``[{"name", "params", "lr"?}]`` for models trained side by side (DMD's generator and
     critic): one AdamW with a learning rate per group, gradients clipped per group (``grad_norm_{name}``
