@@ -401,6 +401,15 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _variant_cells(i: dict) -> str:
+    return f"{i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']}"
+
+
+def _speed_cells(m: dict) -> str:
+    return (f"{_f(m['fps'], 1)} | {_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | "
+            f"{_f(m['kv_cache_mb'], 2)}")
+
+
 def markdown_report(report: dict) -> str:
     """The human summary: one table of headline numbers per variant, then VBench's status per dimension."""
     c = report["chance_score"]
@@ -415,9 +424,8 @@ def markdown_report(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, v in real.items():
             m, i = v["metrics"], v["metrics"]["info"]
-            lines.append(f"| {name} | {i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']} | "
-                         f"{_md_cell(i['prompt_set'])} | {m['videos']} | {_f(m['fps'], 1)} | "
-                         f"{_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | {_f(m['kv_cache_mb'], 2)} |")
+            lines.append(f"| {name} | {_variant_cells(i)} | {_md_cell(i['prompt_set'])} | {m['videos']} | "
+                         f"{_speed_cells(m)} |")
         lines.append("")
     synthetic = {n: v for n, v in report["variants"].items() if n not in real}
     if synthetic:
@@ -430,10 +438,8 @@ def markdown_report(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in synthetic.items():
         m, i = v["metrics"], v["metrics"]["info"]
-        lines.append(f"| {name} | {i['kind']}{' nvfp4' if i['quant'] != 'none' else ''} | {i['denoising_steps']} | "
-                     f"{_pm(m, 'score')} | {_pm(m, 'multishot_score')} | {_pm(m, 'schedule_score')} | "
-                     f"{_pm(m, 'drift_score')} | {_f(m['drift_last'])} | {_f(m['fps'], 1)} | "
-                     f"{_f(m['first_chunk_latency_s'])} | {_f(m['peak_memory_mb'], 1)} | {_f(m['kv_cache_mb'], 2)} |")
+        lines.append(f"| {name} | {_variant_cells(i)} | {_pm(m, 'score')} | {_pm(m, 'multishot_score')} | "
+                     f"{_pm(m, 'schedule_score')} | {_pm(m, 'drift_score')} | {_f(m['drift_last'])} | {_speed_cells(m)} |")
     first = next(iter(report["variants"].values()))["metrics"]["info"]
     lines += ["", f"Device: {first['device']}; memory: `{first['memory_kind']}` (see longlive/eval/perf.py).", ""]
     gpu = [(n, v["metrics"]) for n, v in report["variants"].items() if "eval_peak_reserved_mb" in v["metrics"]]
