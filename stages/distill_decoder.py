@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from longlive.data.shards import ShardError
+from longlive.io import UnsafeStateError
 from longlive.train.light_decoder import distill_decoder
 from stages._common import setup, write_json
 from stages._data import clips_dir
@@ -23,7 +24,7 @@ def main() -> None:
             work_dir=Path(".work/distill_decoder"),  # resume state for an interrupted run; outside DVC's outs
             plots_dir=Path("reports/distill_decoder"),
         )
-    except ShardError as e:  # not validated, or damaged: one line naming the fix
+    except (ShardError, UnsafeStateError) as e:  # not validated, damaged, planted resume state: one line
         sys.exit(f"distill_decoder: {e}")
     write_json("reports/distill_decoder/metrics.json", metrics)
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from longlive.data.shards import ShardError
+from longlive.io import UnsafeStateError
 from longlive.parallel import parallel_session
 from longlive.train.ar import train_ar
 from stages._common import setup, write_json
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
                 plots_dir=Path("reports/train_ar") / variant,
                 parallel=parallel,
             )
-        except ShardError as e:  # not validated, or damaged: one line naming the fix
+        except (ShardError, UnsafeStateError) as e:  # not validated, damaged, planted resume state: one line
             sys.exit(f"train_ar: {e}")
         if parallel.is_main:
             write_json(Path("reports/train_ar") / variant / "metrics.json", result.metrics)

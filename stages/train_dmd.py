@@ -7,6 +7,7 @@ from pathlib import Path
 
 from longlive.data.prompts import PromptError
 from longlive.data.shards import ShardError
+from longlive.io import UnsafeStateError
 from longlive.train.dmd import train_dmd
 from stages._common import setup, write_json
 from stages.validate import REPORT as VALIDATION_REPORT
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             plots_dir=Path("reports/train_dmd") / name,
             qat_from=Path("models/dmd") / f"{variant}-{student}" if qat else None,
         )
-    except (ShardError, PromptError) as e:  # not validated, damaged, a bad prompt file: one line naming the fix
+    except (ShardError, PromptError, UnsafeStateError) as e:  # bad shards, prompt file or resume state: one line
         sys.exit(f"train_dmd: {e}")
     write_json(Path("reports/train_dmd") / name / "metrics.json", metrics)
 

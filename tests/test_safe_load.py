@@ -1,7 +1,7 @@
 """Resume state never runs code: a planted pickle in ``checkpoint.pt``, in a DCP checkpoint's ``meta.pt``,
 ``.metadata`` or one of its non-tensor entries is refused with one line naming the file, before anything in
 it executes; the state the loop writes itself still loads (exact resume: tests/test_train_loop.py,
-tests/test_parallel.py)."""
+tests/test_parallel.py). The train_ar stage itself, given the planted ``meta.pt`` of issue 15, exits in one line."""
 
 import builtins
 import pickle
@@ -17,6 +17,9 @@ from longlive.io import UnsafeStateError, load_state
 from longlive.parallel import checkpoint as sharded
 from longlive.parallel.mesh import ParallelState
 from longlive.train.loop import run_training
+
+from _tiny_models import save_tiny_base
+from tests.test_data_safety import stage_project, validated_project  # noqa: F401 - fixtures
 
 CFG = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=1)
 
@@ -130,3 +133,23 @@ def test_a_clean_dcp_checkpoint_still_loads(dcp_checkpoint, tmp_path):
         model.weight.zero_()
     meta = sharded.load(copy, model, torch.optim.AdamW(model.parameters()))
     assert meta["step"] == CFG.steps and model.weight.abs().sum() > 0
+
+
+def test_the_train_ar_stage_refuses_a_planted_meta_in_one_line(validated_project, tiny_preset, tmp_path):
+    """The probe as a user meets it: a planted ``.work/train_ar/t2v/checkpoint.dcp/meta.pt`` at the next
+    ``train_ar`` (validated shards, real tiny models) runs nothing and stops the stage in one line."""
+    import stages.train_ar
+
+    proj = validated_project
+    save_tiny_base(tiny_preset, proj / "models" / "base")
+    ckpt = Path(".work/train_ar/t2v/checkpoint.dcp")  # the stage's own work dir, relative to the project
+    (proj / ckpt).mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"fingerprint": Planted(marker), "step": 1}, proj / ckpt / sharded.META_NAME)
+    with pytest.raises(SystemExit) as exit_:
+        stages.train_ar.main(["t2v"])
+    message = str(exit_.value.code)
+    assert not marker.exists(), "the planted pickle ran"
+    assert message.startswith("train_ar: ") and "\n" not in message, message
+    assert str(ckpt / sharded.META_NAME) in message and f"Delete {ckpt} " in message
+    assert not (proj / "models" / "ar" / "t2v").exists()
