@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -313,11 +314,13 @@ def _one_winner(url: str, folders: list[Path], outcomes: list, version: str, tmp
 
 
 def test_concurrent_publishers_of_one_version_local(tmp_path, monkeypatch):
+    # 20 races (the lost update it guards against showed in one trial of three), every other one with jitter
     url = str(tmp_path / "releases")
-    for round_ in range(2):
+    for round_ in range(20):
         version = f"race-{round_}"
-        folders = [make_folder(tmp_path, version, payload=f"content {i} ") for i in range(20)]
-        outcomes = _race(url, folders, jitter=round_ == 1, monkeypatch=monkeypatch)
+        folders = [make_folder(tmp_path, version, payload=f"content {i} ") for i in range(20 if round_ < 2 else 6)]
+        with monkeypatch.context() as m:
+            outcomes = _race(url, folders, jitter=round_ % 2 == 1, monkeypatch=m)
         _one_winner(url, folders, outcomes, version, tmp_path)
 
 
@@ -432,7 +435,61 @@ def test_ctrl_c_leaves_nothing_visible_and_a_rerun_completes(url, tmp_path, monk
     assert_clean(store)
 
 
+# `longlive publish --folder` whose every file upload takes a while, so a SIGINT lands inside the upload
+_SLOW_PUBLISH = """
+import signal, sys, time
+from fsspec.implementations.local import LocalFileSystem
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the test runner was started with SIGINT ignored
+real = LocalFileSystem.put_file
+LocalFileSystem.put_file = lambda self, *a, **kw: (time.sleep(0.4), real(self, *a, **kw))[1]
+from longlive.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_of_the_publish_command_is_one_line_and_exit_130(tmp_path, capsys):
+    """SIGINT to a running ``longlive publish`` mid-upload: exit 130, one line, no traceback, nothing visible, no
+    lock; the same command then publishes."""
+    url = str(tmp_path / "releases")
+    folder = make_folder(tmp_path, "v1", extra={"a.bin": b"a" * 1000, "b/c.bin": b"c" * 10})
+    args = ["publish", "--url", url, "--folder", str(folder), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PUBLISH, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # a hang guard, not a speed check
+        while not [p for p in (tmp_path / "releases" / STAGING).glob("*/**/*") if p.is_file()]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "publish never began uploading"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert out == "" and "Traceback" not in err and err.splitlines() == ["longlive publish: interrupted"], err
+    store = ReleaseStore(url)
+    assert store.versions() == [] and store.latest() is None
+    assert_clean(store)
+    assert main(args) == 0 and "published" in capsys.readouterr().out
+    assert store.latest()["version"] == "v1" and verify_folder(folder)["version"] == "v1"
+    assert_clean(store)
+
+
 # ----------------------------------------------------------------------------- 6: hostile manifests and pointers
+
+def cli_refuses(args: list[str], capsys, why: str) -> bool:
+    """``longlive ARGS`` exits 2 with one line on stderr, holding ``why`` (a regex), and nothing on stdout."""
+    import re
+
+    capsys.readouterr()
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 2 and not out.strip() and len(err.strip().splitlines()) == 1, (rc, out, err)
+    assert err.startswith(f"longlive {args[0]}: ") and re.search(why, err), err
+    return True
+
 
 _SHA = "0" * 64
 _HOSTILE = {
@@ -457,7 +514,7 @@ def _plant(store: ReleaseStore, version: str, manifest: dict) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(_HOSTILE))
-def test_hostile_manifest_is_refused_in_one_line(tmp_path, case):
+def test_hostile_manifest_is_refused_in_one_line(tmp_path, case, capsys):
     files, why = _HOSTILE[case]
     store = ReleaseStore(str(tmp_path / "releases"))
     entries = {rel: {"sha256": _SHA, "bytes": size} for rel, size in files.items()}
@@ -469,6 +526,7 @@ def test_hostile_manifest_is_refused_in_one_line(tmp_path, case):
             attempt()
         assert "\n" not in str(err.value) and "damaged or hostile" in str(err.value) and len(str(err.value)) < 600
     assert not (tmp_path / "dest").exists() and not (tmp_path / "etc").exists()
+    assert cli_refuses(["pull", store.url, "--dest", str(tmp_path / "dest"), "--quiet"], capsys, why)
     # The same manifest in a local folder is refused by verification too.
     local = tmp_path / "local"
     local.mkdir()
@@ -487,13 +545,15 @@ def test_hostile_manifest_on_s3(s3_url, tmp_path):
 
 @pytest.mark.parametrize("latest", ['["tiny-v1"]', "not json", '{"version": 3}', '{"version": "../x"}',
                                     '{"version": "v1"}', '"v1"'])
-def test_malformed_latest_pointer(url, tmp_path, latest):
+def test_malformed_latest_pointer(url, tmp_path, latest, capsys):
     store = ReleaseStore(url)
     folder = make_folder(tmp_path, "v1")
     store.publish(folder, progress=False)
     store.fs.pipe_file(f"{store.root}/{LATEST}", latest.encode())
     with pytest.raises(ReleaseError, match=r"latest.json is not a valid latest pointer .*--version"):
         pull_release(url, tmp_path / "dest", progress=False)
+    assert cli_refuses(["pull", url, "--dest", str(tmp_path / "dest"), "--quiet"], capsys,
+                       "latest.json is not a valid latest pointer")
     assert pull_release(url, tmp_path / "dest", version="v1", progress=False).downloaded
     # Republishing the release repairs the pointer (a no-op otherwise).
     result = ReleaseStore(url).publish(folder, progress=False)
