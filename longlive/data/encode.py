@@ -271,7 +271,8 @@ def encode_dataset(
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"world_size {world_size} needs the default process group: start the processes with "
-                           "torchrun (python -m longlive.parallel.launch stages.encode), or pass world_size=1")
+                           "torchrun (torchrun --nproc-per-node N -m stages.encode, or encode.nproc), or pass "
+                           "world_size=1")
     device = torch.device(device)
     rows = read_index(videos_dir)
     kw = dict(encode_video=encode_video, encode_text=encode_text, samples_per_shard=samples_per_shard,
