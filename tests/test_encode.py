@@ -239,6 +239,22 @@ def test_encode_stage_runs_itself_under_torchrun_when_nproc_asks(tiny_preset, sy
     assert digests(str(tmp_path / "data/encoded/shards")) == digests(one)
 
 
+def test_reader_processes_are_cut_to_what_shared_memory_holds(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+
+    from longlive.data import encode as enc
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(enc.shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))  # Docker's default
+    rows = [{"key": "a", "num_frames": 125, "height": 704, "width": 1280}]
+    with caplog.at_level("WARNING", logger="longlive.data.encode"):
+        assert enc.clip_loader(tmp_path, rows, batch_size=1, workers=4, prefetch=2).num_workers == 0
+    assert "--shm-size" in caplog.text and "reading with 0" in caplog.text
+    monkeypatch.setattr(enc.shutil, "disk_usage", lambda path: usage(8 << 30, 0, 8 << 30))
+    assert enc.clip_loader(tmp_path, rows, batch_size=1, workers=4, prefetch=2).num_workers == 4  # 8 x 338 MB fit
+    assert enc.workers_that_fit(4, 2, 1 << 30) == 3
+
+
 # ----------------------------------------------------------------------------- settings and the benchmark
 
 
@@ -273,6 +289,7 @@ def test_benchmark_runs_the_encode_path_at_tiny_size(tmp_path):
                            "latent_shape": [16, 9, 8, 8]}
     assert 0 < res["vae_share"] <= 1 and res["clips_per_s"] > 0 and res["timings"]["captions_computed"] == 8
     assert "| 8 | 4 | 0 | float32 |" in (tmp_path / "out" / "smoke.md").read_text()
+    assert res["vae_share"] <= res["timings"]["steady_vae_share"] <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the clips and shards are gone
 
 

@@ -20,7 +20,9 @@ only whole, recorded shards behind (see :mod:`longlive.data.shards`).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +43,8 @@ VideoEncoder = Callable[[torch.Tensor], torch.Tensor]
 TextEncoder = Callable[[list[str]], torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PENDING_WRITES = 2  # batches handed to the writer thread and not yet written: bounds the host memory they hold
+SHM = "/dev/shm"
+log = logging.getLogger(__name__)
 
 
 def encode_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -107,9 +111,28 @@ def clip_loader(videos_dir: str | os.PathLike, rows: list[dict], *, batch_size: 
     """Batches ``(positions, uint8 frames (B, T, H, W, 3))`` of ``rows`` in order: ``workers`` processes read ahead
     (``prefetch`` batches each) while the device encodes, into pinned memory with ``pin_memory`` (CUDA), so the
     copy to the device can overlap."""
+    if workers > 0 and rows and all(k in rows[0] for k in ("num_frames", "height", "width")):
+        r = rows[0]
+        workers = workers_that_fit(workers, prefetch, batch_size * r["num_frames"] * r["height"] * r["width"] * 3)
     extra = {"prefetch_factor": prefetch} if workers > 0 else {}
     return DataLoader(ClipFrames(videos_dir, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, **extra)
+
+
+def workers_that_fit(workers: int, prefetch: int, batch_bytes: int, shm: str = SHM) -> int:
+    """Reader processes whose batches in flight fit in shared memory: they hand batches over through ``/dev/shm``,
+    and a container's default (64 MB in Docker) would kill them with a bus error at the first 338 MB clip."""
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:  # no /dev/shm (not Linux): torch shares memory its own way there
+        return workers
+    fit = min(workers, int(0.9 * free) // (prefetch * batch_bytes + 1))
+    if fit < workers:
+        log.warning("%s has %.2f GiB free; %d reader processes x %d batches of %.2f GiB need %.2f: reading with %d. "
+                    "Give the container more shared memory (docker run --shm-size 16g) or lower encode.workers / "
+                    "encode.prefetch", shm, free / 2**30, workers, prefetch, batch_bytes / 2**30,
+                    workers * prefetch * batch_bytes / 2**30, fit)
+    return fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +195,7 @@ class EncodeTimings:
     vae_s: float = 0.0
     text_s: float = 0.0
     load_wait_s: float = 0.0   # the loop waiting for the loader's next batch
+    first_load_s: float = 0.0  # of which for the first batch: the reader processes start, nothing is read ahead yet
     write_wait_s: float = 0.0  # the loop waiting for the writer thread (more than PENDING_WRITES batches behind)
     captions_computed: int = 0
     captions_used: int = 0
@@ -181,11 +205,17 @@ class EncodeTimings:
     def vae_share(self) -> float:
         return self.vae_s / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def steady_vae_share(self) -> float:
+        """The share once the first batch has arrived: a long run's, where the start-up is amortised."""
+        return self.vae_s / (self.wall_s - self.first_load_s) if self.wall_s > self.first_load_s else 0.0
+
     def as_dict(self) -> dict:
         return {"clips": self.clips, "batches": self.batches, "wall_s": self.wall_s, "vae_s": self.vae_s,
-                "text_s": self.text_s, "load_wait_s": self.load_wait_s, "write_wait_s": self.write_wait_s,
-                "captions_computed": self.captions_computed, "captions_used": self.captions_used,
-                "vae_share": self.vae_share}
+                "text_s": self.text_s, "load_wait_s": self.load_wait_s, "first_load_s": self.first_load_s,
+                "write_wait_s": self.write_wait_s, "captions_computed": self.captions_computed,
+                "captions_used": self.captions_used, "vae_share": self.vae_share,
+                "steady_vae_share": self.steady_vae_share}
 
 
 class _Span:
@@ -323,6 +353,8 @@ def _encode_rows(videos_dir, rows: list[dict], url: str, *, encode_video: VideoE
                     t0 = time.perf_counter()
                     positions, frames = next(batches)
                     timings.load_wait_s += time.perf_counter() - t0
+                    if index == 0:
+                        timings.first_load_s += time.perf_counter() - t0
                     batch = [todo[i] for i in positions.tolist()]
                     video = frames_to_tensor(frames.to(device, non_blocking=True))
                     with (_Span(timings, "vae_s", device), torch.profiler.record_function("encode.vae"),
