@@ -22,8 +22,9 @@ cost nothing and add no synchronisation; a torch.profiler trace of the VAE's tho
 norms, casts) would slow the run it measures. 1 - share is everything else the GPU waited for: reading and copying
 clips, captions, writing, Python. On the CPU the spans are wall time.
 
-On the device (nvidia-h100-x1; torch 2.11 there, no DVC or Prefect; carry the wheels of
-``scripts/gpu_wheels.sh`` as ``.whl``, about 4 minutes in all):
+On the device (nvidia-h100-x1: torch 2.11, no DVC or Prefect; the call carries ``.whl``, the wheels
+``scripts/gpu_wheels.sh`` fills here; about 4 minutes, 100 s of them the timed run; the JSON + markdown come back from ``$OUT``
+for ``benchmarks/results/``):
 
     eval "$(bash scripts/gpu_wheels.sh --install .whl /tmp/site)"; PYTHONUNBUFFERED=1 python3 benchmarks/encode_bench.py --out-dir $OUT
 
@@ -132,6 +133,19 @@ def encode(folder: Path, url: Path, models, args, device: torch.device) -> Encod
     return timings
 
 
+def filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (tmpfs: the clips are in RAM whatever the page cache does)."""
+    best, fstype = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            mount, kind = line.split()[1:3]
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, fstype = mount, kind
+    except OSError:
+        pass
+    return fstype
+
+
 def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -166,6 +180,7 @@ def run(args, command: str) -> dict:
     models = build_models(preset, device, dtype)
     with tempfile.TemporaryDirectory(prefix="encode-bench-", dir=args.tmp_dir) as tmp:
         tmp = Path(tmp)
+        clip_fs = filesystem(tmp)
         clips = ClipFolder(tmp / "clips", preset, args.page_cache)
         warm = encode(clips.view("warmup", 0, 1), tmp / "warmup_shards", models, args, device)
         probe = encode(clips.view("probe", 1, 1 + args.batch_size), tmp / "probe_shards", models, args, device)
@@ -189,7 +204,8 @@ def run(args, command: str) -> dict:
         "vae": f"WanVAE (diffusers AutoencoderKLWan), the {preset.name} preset's config: z_dim {preset.vae.z_dim}, "
                f"compression {'x'.join(map(str, preset.vae.compression))}, base_dim {preset.vae.base_dim}, random weights",
         "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size, "workers": args.workers,
-        "prefetch": args.prefetch, "reads": "page cache" if args.page_cache else "disk (page cache dropped)",
+        "prefetch": args.prefetch, "clip_fs": clip_fs,
+        "reads": "page cache" if args.page_cache else f"{clip_fs} filesystem, page cache dropped",
         "clips": t.clips, "clips_per_s": t.clips / t.wall_s, "s_per_clip": t.wall_s / t.clips,
         "vae_s_per_clip": t.vae_s / t.clips, "vae_share": t.vae_share, "timings": t.as_dict(),
         "warmup_s": warm.wall_s, "probe_s_per_clip": per_clip, "clip_write_s": write_s,
