@@ -241,8 +241,26 @@ def _no_credentials(value: Any) -> Any:
 
 
 class EncodeConfig(_Strict):
+    """The ``encode`` stage (``longlive.data.encode``): clips -> VAE latents + caption embeddings in shards; under
+    torchrun every process encodes its share of the clips on its own GPU (docs/ingest.md, "Encoding on GPUs")."""
+
     url: str = Field(min_length=1, description="local path or s3:// prefix of the shards")
     samples_per_shard: StrictInt = Field(gt=0)
+    batch_size: StrictInt = Field(default=4, gt=0, description="clips per VAE call")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="weights and compute of the VAE (and UMT5): auto = bf16 on CUDA, fp32 elsewhere")
+    workers: StrictInt = Field(default=0, ge=0, description="DataLoader processes reading clips; 0: the main process")
+    prefetch: StrictInt = Field(default=2, ge=1, description="batches each reader process keeps ready")
+    nproc: StrictInt | Literal["auto"] = Field(
+        default=1, description="encoding processes on this machine (torchrun, one GPU each): auto = one per CUDA "
+        "device; under a torchrun you start yourself, torchrun's count")
+
+    @field_validator("nproc")
+    @classmethod
+    def _check_nproc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"nproc must be >= 1 or auto, got {v}")
+        return v
 
     _check_url = field_validator("url")(_no_credentials)
 

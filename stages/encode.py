@@ -7,6 +7,11 @@ local url inside it, the shards themselves. The stage is restartable: DVC keeps 
 changed: the fingerprint of the inputs is stored with the shards, and a writer given another one
 deletes the previous run's shards by the names its records list. Nothing else at the url is ever
 deleted, so ``encode.url`` may be a shared folder or a bucket root.
+
+With ``encode.nproc`` > 1 (``auto``: one per GPU) the stage runs itself under torchrun, as does
+``torchrun --nproc-per-node N -m stages.encode`` (any N, several nodes too): each process encodes its block of the
+clips on its own GPU into a part of the shards, and rank 0 writes the one manifest and the outputs beside it
+(docs/ingest.md, "Encoding on GPUs").
 """
 
 import hashlib
@@ -18,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-from longlive.data.encode import encode_dataset
+import torch.distributed as dist
+
+from longlive.data.encode import EncodeTimings, encode_dataset, encode_dtype, text_encoder, video_encoder
 from longlive.data.prompts import CORPUS_NAME, training_prompts, write_corpus
 from longlive.data.shards import ShardError, open_fs
 from longlive.data.synth import read_index
-from longlive.device import resolve_device
 from longlive.models.text import load_text_encoder
+from longlive.device import resolve_device
 from longlive.models.vae import WanVAE
 from longlive.secrets import redact_url
 from stages import _data
@@ -39,36 +46,76 @@ def clips_dir(preset) -> Path:
 
 
 def inputs_fingerprint(preset) -> str:
-    h = hashlib.sha256(preset.encode.model_dump_json().encode())
+    # What changes the shards' bytes, the dtype auto resolves to included. The readers and the process count do
+    # not (parts are per process count), so changing them resumes.
+    h = hashlib.sha256(preset.encode.model_dump_json(exclude={"workers", "prefetch", "nproc"}).encode())
+    h.update(str(encode_dtype(preset.encode.dtype, resolve_device(preset.device))).encode())
     for path in [clips_dir(preset) / "index.jsonl", *sorted((BASE / "vae").glob("*")), *sorted((BASE / "text").glob("*"))]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
+def nproc(preset) -> int:
+    """Processes to encode with: ``encode.nproc``, ``auto`` being one per CUDA device of this machine."""
+    n = preset.encode.nproc
+    if n != "auto":
+        return n
+    return torch.cuda.device_count() if resolve_device(preset.device).type == "cuda" else 1
+
+
+def start_processes(preset) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)`` of this process. Under torchrun (``WORLD_SIZE``) it joins the default group
+    (NCCL on CUDA, gloo on CPU) on GPU ``LOCAL_RANK``; otherwise, with ``nproc(preset)`` > 1, it becomes that torchrun.
+
+    Not ``longlive.parallel``: its package brings the DiT and FSDP along, which would make every DiT change
+    rerun this stage (dvc.yaml's deps are the import closure); encoding needs only a process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(preset.device)
+    if "WORLD_SIZE" not in os.environ and nproc(preset) > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc(preset)}",
+               "-m", "stages.encode"]
+        print("encode:", " ".join(cmd), file=sys.stderr, flush=True)
+        os.execv(cmd[0], cmd)  # torchrun's exit status becomes the stage's
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = resolve_device(f"cuda:{local_rank}") if device.index is None else device
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
 def main() -> None:
     preset = setup("encode")
-    url = preset.encode.url
+    cfg, url = preset.encode, preset.encode.url
     fingerprint = inputs_fingerprint(preset)
-
-    device = resolve_device(preset.device)  # the VAE moves each CPU batch to its device
-    vae = WanVAE.from_pretrained(BASE / "vae", device=device).eval()
-    text_path = preset.text.path if preset.text.kind == "umt5" else BASE / "text"
-    text = load_text_encoder(preset.text, text_path, device=device).to(device)  # device=: UMT5 loads straight there
-
-    @torch.no_grad()
-    def encode_video(video: torch.Tensor) -> torch.Tensor:
-        return vae.encode(video)
-
-    @torch.no_grad()
-    def encode_text(captions: list[str]) -> torch.Tensor:
-        return text.encode(captions)[0]
-
+    rank, world, device = start_processes(preset)
     try:
-        stats = encode_dataset(clips_dir(preset), url, encode_video=encode_video, encode_text=encode_text,
-                               samples_per_shard=preset.encode.samples_per_shard, fingerprint=fingerprint)
-    except ShardError as e:  # a url holding files encode did not write, or unreachable: one line naming the fix
-        sys.exit(f"encode: {e}")
+        dtype = encode_dtype(cfg.dtype, device)
+        vae = WanVAE.from_pretrained(BASE / "vae", device=device, dtype=dtype).eval()
+        text_path = preset.text.path if preset.text.kind == "umt5" else BASE / "text"
+        text = load_text_encoder(preset.text, text_path, device=device, dtype=dtype).to(device)  # UMT5 loads there
+        timings = EncodeTimings()
+        try:
+            stats = encode_dataset(clips_dir(preset), url, encode_video=video_encoder(vae), encode_text=text_encoder(text),
+                                   samples_per_shard=cfg.samples_per_shard, batch_size=cfg.batch_size,
+                                   workers=cfg.workers, prefetch=cfg.prefetch, device=device, rank=rank,
+                                   world_size=world, fingerprint=fingerprint, timings=timings)
+        except ShardError as e:  # a url holding files encode did not write, or unreachable: one line naming the fix
+            sys.exit(f"encode: {e}")
+        t = timings
+        log.info("rank %d: %d clips in %.1f s (%.2f clips/s) on %s, %s; VAE %.0f%% of the time, loader waits %.1f s, "
+                 "captions embedded %d of %d", rank, t.clips, t.wall_s, t.clips / max(t.wall_s, 1e-9), device,
+                 str(dtype).removeprefix("torch."), 100 * t.vae_share, t.load_wait_s, t.captions_computed,
+                 t.captions_used)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return
     fs, root = open_fs(url)
     OUT.mkdir(parents=True, exist_ok=True)
     local = OUT / "manifest.json"

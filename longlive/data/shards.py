@@ -21,6 +21,13 @@ temporary names of the run its progress file names. Anything else is left alone.
 that no record lists stops the writer (the dataset would hold a shard no manifest vouches for), and so
 does a ``manifest.json`` or ``_progress.json`` that this module did not write (it would be overwritten).
 With no record of its own at the url, a writer deletes nothing.
+
+Several writers (data-parallel ranks under torchrun) share a url through parts: writer ``r`` of ``W`` is a
+ShardWriter of its own at ``url/part-RRRRR-of-WWWWW/`` (the layout above, inside that folder), ``_parts.json``
+at ``url`` records the parts before any of them is written (:func:`prepare_layout`), and once all are done
+one ``manifest.json`` at ``url`` lists every part's shards as ``part-.../shard-NNNNNN.tar``, parts in rank
+order (:func:`merge_parts`). Readers see one dataset either way. A run with another number of writers first
+removes, by the same records, what the previous layout wrote.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from longlive.secrets import redact, redact_url
 
 MANIFEST = "manifest.json"
 PROGRESS = "_progress.json"
+PARTS = "_parts.json"  # the part folders of a run of several writers, recorded before any is written
 TMP_DIR = "_tmp"
 FORMAT = "longlive-shards/1"
 ARRAY_FIELDS = ("latents.npy", "text.npy")
@@ -56,6 +64,7 @@ SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 TMP_SHARD_RE = re.compile(r"^shard-\d{6}\.tar\.(?P<run>[0-9a-f]{8})$")  # a shard being written, under _tmp/
 ATOMIC_TMP_RE = re.compile(r"^(manifest|_progress)\.json\.tmp-(?P<run>[0-9a-f]{8})$")  # _atomic_write's
 RUN_RE = re.compile(r"^[0-9a-f]{8}$")
+PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")  # writer r of W: part-RRRRR-of-WWWWW/
 ENDPOINT_ENVS = ("LONGLIVE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 TAR_MTIME = 0  # fixed member mtime: the same samples give byte-identical shards (and sha256)
 log = logging.getLogger(__name__)
@@ -75,6 +84,14 @@ class StorageError(ShardError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def part_name(rank: int, world_size: int) -> str:
+    """The folder of writer ``rank`` of ``world_size`` (the world size is in the name: a run with another
+    number of writers never resumes into a part that holds another share of the clips)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return f"part-{rank:05d}-of-{world_size:05d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +240,44 @@ def _list_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
+def _discard_records(fs: fsspec.AbstractFileSystem, root: str, progress: dict | None, manifest: dict | None,
+                     runs: set[str]) -> None:
+    """Delete the files of a previous run at ``root``, by name: the manifest first (the dataset stops being usable
+    before any of it goes), then its shards, then the progress file that names them."""
+    present = set(_list_names(fs, root))
+    if MANIFEST in present:
+        fs.rm(_join(root, MANIFEST))
+    for name in sorted(_owned_shards(progress, manifest) & present):
+        try:
+            fs.rm(_join(root, name))
+        except FileNotFoundError:
+            pass
+    _clear_tmp(fs, root, runs)
+    if PROGRESS in present:
+        fs.rm(_join(root, PROGRESS))
+
+
+def _clear_tmp(fs: fsspec.AbstractFileSystem, root: str, runs: set[str]) -> None:
+    """Remove what a killed writer left half-written: shards under ``_tmp/`` and temporary records, only
+    under names of a run a record names (a writer records its run id before its first temporary file)."""
+    tmp = _join(root, TMP_DIR)
+    for name in _list_names(fs, tmp):
+        m = TMP_SHARD_RE.match(name)
+        if m and m["run"] in runs:
+            fs.rm(_join(tmp, name))
+    for name in _list_names(fs, root):
+        m = ATOMIC_TMP_RE.match(name)
+        if m and m["run"] in runs:
+            fs.rm(_join(root, name))
+    if isinstance(fs, LocalFileSystem) and fs.isdir(tmp) and not fs.ls(tmp):
+        fs.rmdir(tmp)  # object stores have no empty folders; a local one would linger
+
+
+def _recorded_runs(progress: dict | None) -> set[str]:
+    run = (progress or {}).get("run")
+    return {run} if isinstance(run, str) and RUN_RE.match(run) else set()
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
@@ -312,7 +367,7 @@ class ShardWriter:
         # Temporary names this writer may delete: its own run's and the run its progress record names.
         # Without a record of its own at url nothing there is provably its own, and it deletes nothing.
         self._run = uuid.uuid4().hex[:8]
-        self._runs = {self._run} | {r for r in [(progress or {}).get("run")] if isinstance(r, str) and RUN_RE.match(r)}
+        self._runs = {self._run} | _recorded_runs(progress)
         stale = fingerprint is not None and bool(previous) and previous.get("fingerprint") != fingerprint
         if stale:
             log.info("the inputs changed since the shards at %s were written: removing the %d shards of that run",
@@ -335,39 +390,12 @@ class ShardWriter:
     def _names(self) -> list[str]:
         return _list_names(self.fs, self.root)
 
-    def _rm_if_present(self, name: str) -> None:
-        try:
-            self.fs.rm(self._path(name))
-        except FileNotFoundError:
-            pass
-
     def _discard(self, progress: dict | None, manifest: dict | None) -> list[dict]:
-        """Delete the files of the previous run, by name: the manifest first (the dataset stops being usable
-        before any of it goes), then its shards, then the progress file that names them."""
-        present = set(self._names())
-        if MANIFEST in present:
-            self.fs.rm(self._path(MANIFEST))
-        for name in sorted(_owned_shards(progress, manifest) & present):
-            self._rm_if_present(name)
-        self._clear_tmp()
-        if PROGRESS in present:
-            self.fs.rm(self._path(PROGRESS))
+        _discard_records(self.fs, self.root, progress, manifest, self._runs)
         return []
 
     def _clear_tmp(self) -> None:
-        """Remove what a killed writer left half-written: shards under ``_tmp/`` and temporary records, only
-        under names of a run a record names (a writer records its run id before its first temporary file)."""
-        tmp = self._path(TMP_DIR)
-        for name in _list_names(self.fs, tmp):
-            m = TMP_SHARD_RE.match(name)
-            if m and m["run"] in self._runs:
-                self.fs.rm(_join(tmp, name))
-        for name in self._names():
-            m = ATOMIC_TMP_RE.match(name)
-            if m and m["run"] in self._runs:
-                self.fs.rm(self._path(name))
-        if isinstance(self.fs, LocalFileSystem) and self.fs.isdir(tmp) and not self.fs.ls(tmp):
-            self.fs.rmdir(tmp)  # object stores have no empty folders; a local one would linger
+        _clear_tmp(self.fs, self.root, self._runs)
 
     def _recover(self, progress: dict | None, manifest: dict | None) -> list[dict]:
         """Completed shards from a previous run; drop half-written and unrecorded ones."""
@@ -508,6 +536,79 @@ class ShardWriter:
             self.abort()
 
 
+# ---------------------------------------------------------------------------------------------
+# Several writers: parts
+
+
+def prepare_layout(url: str, world_size: int, storage_options: dict | None = None) -> list[str]:
+    """Ready ``url`` for a run of ``world_size`` writers; return the part names (``[]`` for one writer, which
+    writes at ``url`` itself). Call it once, before any writer starts (rank 0, then a barrier).
+
+    What an earlier run with another layout left is removed by its records: with one writer now, the parts
+    that ``_parts.json`` or a merged manifest lists (and those records); with several, a single writer's
+    dataset at ``url`` (its manifest, shards and progress) and parts of another world size. Parts of this
+    layout are kept, so each writer resumes from its own. A merged manifest is removed in either case: the
+    dataset is complete again only when :func:`merge_parts` writes it.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    fs, root = open_fs(url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    record = _read_record(fs, _join(root, PARTS), url)
+    manifest = _read_record(fs, _join(root, MANIFEST), url)
+    merged = manifest is not None and "parts" in manifest
+    previous = {p for rec in (record, manifest if merged else None) for p in (rec or {}).get("parts", [])
+                if isinstance(p, str) and PART_RE.match(p)}
+    parts = [part_name(r, world_size) for r in range(world_size)] if world_size > 1 else []
+    if merged:
+        fs.rm(_join(root, MANIFEST))  # first: the dataset stops being usable before any of it goes
+    if world_size > 1:
+        progress = _read_record(fs, _join(root, PROGRESS), url)
+        if progress is not None or (manifest is not None and not merged):  # one writer's dataset at url
+            log.info("removing the single-writer shards at %s: %d writers write parts now", redact_url(url), world_size)
+            _discard_records(fs, root, progress, None if merged else manifest, _recorded_runs(progress))
+    for part in sorted(previous - set(parts)):
+        log.info("removing part %s of an earlier run at %s", part, redact_url(url))
+        _remove_part(fs, _join(root, part), f"{url.rstrip('/')}/{part}")
+    if parts:
+        _atomic_write(fs, _join(root, PARTS), _json_bytes({"format": FORMAT, "parts": parts, "updated_at": _now()}))
+    elif record is not None:
+        fs.rm(_join(root, PARTS))
+    return parts
+
+
+def _remove_part(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Delete one part (a ShardWriter's folder) by its own records; a local folder left empty goes too."""
+    progress = _read_record(fs, _join(root, PROGRESS), url)
+    manifest = _read_record(fs, _join(root, MANIFEST), url)
+    _discard_records(fs, root, progress, manifest, _recorded_runs(progress))
+    if isinstance(fs, LocalFileSystem) and fs.isdir(root) and not fs.ls(root):
+        fs.rmdir(root)
+
+
+def merge_parts(url: str, parts: list[str], samples_per_shard: int, fingerprint: str | None = None,
+                storage_options: dict | None = None) -> dict:
+    """Write ``url``'s ``manifest.json`` listing the shards of every finished part, in the order of ``parts``
+    (rank order: each rank holds a contiguous block of the index, so the keys keep the index order); return it.
+    A part without a complete manifest, or a key in two parts, is a :class:`ShardError`."""
+    fs, root = open_fs(url, storage_options)
+    shards: list[dict] = []
+    seen: dict[str, str] = {}
+    for part in parts:
+        part_manifest = read_manifest(f"{url.rstrip('/')}/{part}", fs=fs, root=_join(root, part))
+        for entry in part_manifest["shards"]:
+            for key in entry["keys"]:
+                if key in seen:
+                    raise ShardError(f"{redact_url(url)}: key {key!r} is in both {seen[key]} and {part}; delete "
+                                     "the parts and rerun the encode stage")
+                seen[key] = part
+            shards.append({**entry, "name": f"{part}/{entry['name']}"})
+    manifest = build_manifest(shards, samples_per_shard, fingerprint)
+    manifest["parts"] = list(parts)
+    _atomic_write(fs, _join(root, MANIFEST), _json_bytes(manifest))
+    return manifest
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -565,10 +666,15 @@ def read_manifest_digest(url: str, storage_options: dict | None = None, *, fs: A
 
 
 def shard_files(url: str, storage_options: dict | None = None, *, fs: Any = None, root: str | None = None) -> set[str]:
-    """Names of the files at ``url`` that match the shard pattern (listed in the manifest or not)."""
+    """Names of the files at ``url`` that match the shard pattern (listed in the manifest or not), with those in
+    part folders as ``part-.../shard-NNNNNN.tar`` (the names a merged manifest gives them)."""
     if fs is None:
         fs, root = open_fs(url, storage_options)
-    return {n for n in _list_names(fs, root) if SHARD_RE.match(n)}
+    names = _list_names(fs, root)
+    found = {n for n in names if SHARD_RE.match(n)}
+    for part in (n for n in names if PART_RE.match(n)):
+        found |= {f"{part}/{n}" for n in _list_names(fs, _join(root, part)) if SHARD_RE.match(n)}
+    return found
 
 
 def _local_copy(fs: Any, path: str, tmpdir: str) -> str:
@@ -660,4 +766,5 @@ def shard_urls(url: str, storage_options: dict | None = None) -> list[str]:
 __all__ = [
     "ShardError", "ChecksumError", "StorageError", "ShardWriter", "open_fs", "read_manifest", "read_manifest_digest",
     "iter_samples", "iter_shard", "shard_files", "shard_urls", "shard_name", "build_manifest", "encode_sample", "decode_field", "sha256_file",
+    "part_name", "prepare_layout", "merge_parts",
 ]
