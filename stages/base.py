@@ -4,8 +4,10 @@
 from pathlib import Path
 
 from longlive.train.base import build_base
-from stages._common import setup, write_json
+from stages._common import setup, write_metrics
 from stages._data import SYNTH, clips_dir
+
+HEADLINE = ("vae.eval_psnr_db",)  # the VAE's held-out reconstruction; evaluate's scores cover the teacher
 
 
 def main() -> None:
@@ -17,7 +19,7 @@ def main() -> None:
         work_dir=Path(".work/base"),  # resume state for an interrupted run; outside DVC's outs
         plots_dir=Path("reports/base"),
     )
-    write_json("reports/base/metrics.json", metrics)
+    write_metrics("reports/base", metrics, HEADLINE)
 
 
 if __name__ == "__main__":
