@@ -102,13 +102,13 @@ def write_metrics(folder: str | os.PathLike, metrics: dict, headline: tuple[str,
     top: dict = {}
     for key in headline:
         *parents, leaf = key.split(".")
-        value = metrics
-        for part in (*parents, leaf):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
+        source = metrics
+        for part in parents:
+            source = source.get(part) or {}
+        if leaf in source:
             node = top
             for part in parents:
                 node = node.setdefault(part, {})
-            node[leaf] = value
+            node[leaf] = source[leaf]
     write_json(Path(folder) / "metrics.json", metrics)
     write_json(Path(folder) / "headline.json", top)

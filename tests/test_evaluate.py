@@ -75,6 +75,10 @@ def test_dvc_sees_every_variant_and_only_evaluate_depends_on_its_params(project)
     for v in evaluate_params(project)["variants"]:
         assert f"reports/evaluate/headline/{v}.json" in shown and f"reports/evaluate/metrics/{v}.json" not in shown
         assert f"reports/evaluate/metrics/{v}.json" in every
+    base = json.loads((project / "reports/base/metrics.json").read_text())  # upstream stages: the same pattern
+    headline = json.loads((project / "reports/base/headline.json").read_text())
+    assert headline == {"vae": {"eval_psnr_db": base["vae"]["eval_psnr_db"]}}
+    assert "reports/base/headline.json" in shown and "reports/base/metrics.json" not in shown
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
     lines = {d["field"] for d in plots["reports/evaluate/plots/drift/schedule.json"][0]["content"]["data"]["values"]}
     assert lines == set(evaluate_params(project)["variants"])  # the overlay: a line per variant
