@@ -30,7 +30,7 @@ class Item:
     name: str                     # what `dvc repro --single-item` takes: "train_ar@t2v", "synth"
     upstream: tuple[str, ...]     # items whose outputs this one reads
     resource: str                 # "cpu" or "gpu": the work pool that runs it
-    metrics: tuple[str, ...] = () # its metrics files or directories, relative to the repo
+    metrics: tuple[str, ...] = () # its metrics files or directories, relative to the repo (see metrics_of)
 
     @property
     def stage(self) -> str:
@@ -101,6 +101,13 @@ def _address(stage, root: Path) -> str:
     return f"{rel}:{stage.name}" if stage.name != rel else rel
 
 
+def metrics_of(stage) -> tuple[str, ...]:
+    """The files with every figure a stage measured: its outs named metrics.json or metrics/ (dvc.yaml declares
+    only a few headline figures as DVC metrics, for `dvc exp show`), else the DVC metrics it declares."""
+    full = tuple(o.def_path for o in stage.outs if Path(o.def_path).name in ("metrics.json", "metrics"))
+    return full or tuple(o.def_path for o in stage.outs if o.metric)
+
+
 def read_dag(repo_dir: str | Path) -> Dag:
     """The DAG of the DVC project at ``repo_dir``: the graph ``dvc dag`` draws (edges from an item to the
     items whose outputs it depends on), with each item's resource and metrics paths."""
@@ -128,7 +135,7 @@ def read_dag(repo_dir: str | Path) -> Dag:
                     name=name,
                     upstream=tuple(sorted(names[d] for d in graph.successors(st) if names[d] in stages)),
                     resource=resource_of(stage_of(name), st.meta if isinstance(st.meta, dict) else None),
-                    metrics=tuple(o.def_path for o in st.outs if o.metric),
+                    metrics=metrics_of(st),
                 )
     except DvcException as e:
         raise DagError(f"dvc cannot read the DAG of {root}: {e}") from e

@@ -15,9 +15,6 @@ A path elsewhere (a checkpoint made outside this DAG) builds nothing.
 
 from __future__ import annotations
 
-DRIFT_DIR = "reports/evaluate/plots/drift"   # longlive.eval.suite writes <variant>-{schedule,single}.json here
-DRIFT_MODES = {"schedule": "drift_schedule", "single": "drift_single"}
-
 
 class DagError(ValueError):
     """A checkpoint or report the preset names cannot be built by this DAG; the message names the key."""
@@ -91,17 +88,18 @@ def dag_section(preset: dict, name: str) -> dict:
     dmd = needs.dmd
     order = [(v, s) for v in dmd.get("variants") or [] for s in dmd.get("students") or {}]
 
+    # VARIANT-STUDENT -> [VARIANT, STUDENT] (dvc.yaml: ${item[0]} ${item[1]}): a list is one params leaf, so one
+    # `dvc exp show` column per item where a {variant, student} mapping would be two
     def items(pairs: set) -> dict:
-        return {f"{v}-{s}": {"variant": v, "student": s} for v, s in order if (v, s) in pairs}
+        return {f"{v}-{s}": [v, s] for v, s in order if (v, s) in pairs}
 
     quantize = ([f"{v}-{s}" for v, s in order if (v, s, False) in needs.quantize]
                 + [f"{v}-{s}-qat" for v, s in order if (v, s, True) in needs.quantize])
-    variants = list(evaluate.get("variants") or {})
-    plots = {key: {f"{DRIFT_DIR}/{v}-{mode}.json": "score" for v in variants} for mode, key in DRIFT_MODES.items()}
     return {
         "train_ar": list((preset.get("ar") or {}).get("variants") or {}),
         "train_dmd": items(needs.train_dmd),
         "train_qat": items(needs.train_qat),
         "quantize": quantize,
-        "plots": plots,
+        # the evaluate variants: the drift plots' lines (a field each of reports/evaluate/plots/drift/*.json)
+        "evaluate": list(evaluate.get("variants") or {}),
     }

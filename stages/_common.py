@@ -93,3 +93,22 @@ def write_json(path: str | os.PathLike, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def write_metrics(folder: str | os.PathLike, metrics: dict, headline: tuple[str, ...]) -> None:
+    """``folder/metrics.json`` (every figure) and ``folder/headline.json``: the ``headline`` figures ("vae.psnr"
+    for a nested one) that it has. dvc.yaml declares headline.json as the stage's DVC metrics, since `dvc exp show`
+    has a column per declared figure; metrics.json is a plain output (`dvc metrics show FOLDER/metrics.json`)."""
+    top: dict = {}
+    for key in headline:
+        *parents, leaf = key.split(".")
+        source = metrics
+        for part in parents:
+            source = source.get(part) or {}
+        if leaf in source:
+            node = top
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = source[leaf]
+    write_json(Path(folder) / "metrics.json", metrics)
+    write_json(Path(folder) / "headline.json", top)

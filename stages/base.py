@@ -6,8 +6,10 @@ from pathlib import Path
 
 from longlive.io import UnsafeStateError
 from longlive.train.base import build_base
-from stages._common import setup, write_json
+from stages._common import setup, write_metrics
 from stages._data import SYNTH, clips_dir
+
+HEADLINE = ("vae.eval_psnr_db",)  # the VAE's held-out reconstruction; evaluate's scores cover the teacher
 
 
 def main() -> None:
@@ -22,7 +24,7 @@ def main() -> None:
         )
     except UnsafeStateError as e:  # planted or foreign resume state, refused unread: one line naming what to delete
         sys.exit(f"base: {e}")
-    write_json("reports/base/metrics.json", metrics)
+    write_metrics("reports/base", metrics, HEADLINE)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ from pathlib import Path
 from longlive.data.shards import ShardError
 from longlive.io import UnsafeStateError
 from longlive.train.light_decoder import distill_decoder
-from stages._common import setup, write_json
+from stages._common import setup, write_metrics
 from stages._data import clips_dir
 from stages.validate import REPORT as VALIDATION_REPORT
+
+HEADLINE = ("psnr_light_vs_vae_db",)  # how closely the light decoder reproduces the VAE it replaces
 
 
 def main() -> None:
@@ -26,7 +28,7 @@ def main() -> None:
         )
     except (ShardError, UnsafeStateError) as e:  # not validated, damaged, planted resume state: one line
         sys.exit(f"distill_decoder: {e}")
-    write_json("reports/distill_decoder/metrics.json", metrics)
+    write_metrics("reports/distill_decoder", metrics, HEADLINE)
 
 
 if __name__ == "__main__":

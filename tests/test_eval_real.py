@@ -99,6 +99,9 @@ def test_real_data_evaluation_uses_the_prompt_set_and_no_detector(real_preset, s
     report = (tmp_path / "out/report.md").read_text()
     assert "Real data: no prompt-following score" in report and "Held-out prompts" not in report
     assert json.loads((tmp_path / "out/metrics/t2v.json").read_text())["videos"] == 2
+    # the DVC metrics: FPS alone (no score without the detector); no drift curves to plot
+    assert json.loads((tmp_path / "out/headline/t2v.json").read_text()) == {"fps": t2v.metrics["fps"]}
+    assert not (tmp_path / "out/plots/drift").exists()
 
 
 def test_real_data_without_a_prompt_set_fails_before_loading_a_model(real_preset, monkeypatch, tmp_path):

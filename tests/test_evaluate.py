@@ -49,13 +49,17 @@ def test_stage_writes_per_variant_metrics_plots_report_and_samples(project):
         assert m["info"]["quant"] == ("nvfp4" if (project / spec["checkpoint"] / "dit/quantization.json").is_file()
                                       or spec.get("quant") == "nvfp4" else "none")
         assert m["info"]["memory_kind"] in ("cpu_peak_rss_increase", "cpu_max_rss_process")
-        for setting in ("schedule", "single"):
-            rows = json.loads((out / f"plots/drift/{v}-{setting}.json").read_text())
-            assert len(rows) == params["length_factor"]
-            assert [r["segment"] for r in rows] == list(range(len(rows)))
-            assert all(0 <= r["score"] <= 1 for r in rows) and rows[1]["time_s"] > rows[0]["time_s"]
+        # the DVC metrics: the headline figures alone (`dvc exp show` has a column per declared figure)
+        assert json.loads((out / f"headline/{v}.json").read_text()) == {"score": m["score"], "fps": m["fps"]}
         for name in (f"{kind}_00", "multishot_00", "drift_schedule_00", "drift_single_00"):
             assert (out / f"samples/{v}/{name}.mp4").stat().st_size > 0
+    assert sorted(f.stem for f in (out / "headline").glob("*.json")) == sorted(variants)
+    for setting in ("schedule", "single"):  # a row per segment, a field per variant: a line each in one plot
+        rows = json.loads((out / f"plots/drift/{setting}.json").read_text())
+        assert len(rows) == params["length_factor"]
+        assert [r["segment"] for r in rows] == list(range(len(rows))) and rows[1]["time_s"] > rows[0]["time_s"]
+        assert all(set(r) == {"segment", "time_s", *variants} and all(0 <= r[v] <= 1 for v in variants) for r in rows)
+    assert sorted(p.name for p in (out / "plots/drift").iterdir()) == ["schedule.json", "single.json"]
     assert [r["variant"] for r in json.loads((out / "plots/speed.json").read_text())] == list(variants)
     report = (out / "report.md").read_text()
     assert all(f"| {v} |" in report for v in variants)
@@ -67,8 +71,17 @@ def test_stage_writes_per_variant_metrics_plots_report_and_samples(project):
 
 def test_dvc_sees_every_variant_and_only_evaluate_depends_on_its_params(project):
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+    every = run(["dvc", "metrics", "show", "--json", "reports/evaluate/metrics"], project).stdout  # every figure
     for v in evaluate_params(project)["variants"]:
-        assert f"reports/evaluate/metrics/{v}.json" in shown
+        assert f"reports/evaluate/headline/{v}.json" in shown and f"reports/evaluate/metrics/{v}.json" not in shown
+        assert f"reports/evaluate/metrics/{v}.json" in every
+    base = json.loads((project / "reports/base/metrics.json").read_text())  # upstream stages: the same pattern
+    headline = json.loads((project / "reports/base/headline.json").read_text())
+    assert headline == {"vae": {"eval_psnr_db": base["vae"]["eval_psnr_db"]}}
+    assert "reports/base/headline.json" in shown and "reports/base/metrics.json" not in shown
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    lines = {d["field"] for d in plots["reports/evaluate/plots/drift/schedule.json"][0]["content"]["data"]["values"]}
+    assert lines == set(evaluate_params(project)["variants"])  # the overlay: a line per variant
     assert "Running stage" not in run(["dvc", "repro", "evaluate"], project).stdout
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(text.replace("num_prompts: 2", "num_prompts: 3", 1))

@@ -57,7 +57,10 @@ def test_the_dag_is_dvcs_with_each_stage_on_its_pool():
     assert all(order.index(up) < order.index(name) for up, name in edges)
     cpu = {n for n, i in dag.items.items() if i.resource == "cpu"}
     assert cpu == {"synth", "ingest", "validate", "publish"}, cpu
+    # the artifacts show every figure (metrics.json), not just the headline DVC metrics (headline.json)
     assert dag.items["train_ar@t2v"].metrics == ("reports/train_ar/t2v/metrics.json",)
+    assert dag.items["base"].metrics == ("reports/base/metrics.json",)
+    assert dag.items["evaluate"].metrics == ("reports/evaluate/metrics",)
     assert set(dag.upstream_closure(["train_ar"]).items) == {"synth", "ingest", "base", "encode", "validate",
                                                               "train_ar@t2v", "train_ar@i2v"}
     with pytest.raises(DagError, match="unknown stage"):

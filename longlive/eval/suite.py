@@ -18,10 +18,12 @@ generates T2V videos from ``evaluate.prompts`` (a given prompt set, or VBench's 
 first frames and captions of the data's first clips, and reports speed, memory, VBench and samples.
 
 :func:`write_outputs` lays them out for DVC under ``out_dir`` (``reports/evaluate``):
-``metrics/<variant>.json`` (flat numbers plus an ``info`` block: one row per variant in
-``dvc metrics show``), ``plots/drift/<variant>-{schedule,single}.json`` (score per segment over time),
-``plots/speed.json`` (FPS and latency per variant), ``report.json`` (everything, per-prompt rows included)
-and ``report.md``; the samples go to ``samples/<variant>/`` as they are generated.
+``metrics/<variant>.json`` (every flat number plus an ``info`` block: what ``longlive regress`` gates and the
+release publishes), ``headline/<variant>.json`` (its ``HEADLINE`` figures: the stage's DVC metrics, a row per
+variant in ``dvc metrics show`` and a column each in ``dvc exp show``), ``plots/drift/{schedule,single}.json``
+(score per segment over time, a field per variant), ``plots/speed.json`` (FPS and latency per variant),
+``report.json`` (everything, per-prompt rows and per-segment matches included) and ``report.md``; the samples
+go to ``samples/<variant>/`` as they are generated.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS_DIR, PLOTS_DIR, SAMPLES_DIR = "metrics", "plots", "samples"
+METRICS_DIR, HEADLINE_DIR, PLOTS_DIR, SAMPLES_DIR = "metrics", "headline", "plots", "samples"
+# What a user compares across experiments: `dvc exp show` has a column per figure and variant, so the other figures
+# stay in metrics/<variant>.json (`dvc metrics show reports/evaluate/metrics`). Real data has no score.
+HEADLINE = ("score", "fps")
 PHASES = ("clips", "multishot", "schedule", "single", "speed", "vbench")
 REAL_PHASES = ("clips", "speed", "vbench")  # real data: no detector to score prompt following with
 
@@ -368,8 +373,9 @@ def write_outputs(results: dict[str, VariantResult], preset: Preset, out_dir: st
     out_dir = Path(out_dir)
     for name, r in results.items():
         write_json(r.metrics, out_dir / METRICS_DIR / f"{name}.json")
-        for setting, rows in r.curves.items():
-            write_json(rows, out_dir / PLOTS_DIR / "drift" / f"{name}-{setting}.json")
+        write_json(headline(r.metrics), out_dir / HEADLINE_DIR / f"{name}.json")
+    for setting, rows in drift_plots({n: r.curves for n, r in results.items()}).items():
+        write_json(rows, out_dir / PLOTS_DIR / "drift" / f"{setting}.json")
     write_json([{"variant": n, "fps": r.metrics["fps"], "first_chunk_latency_s": r.metrics["first_chunk_latency_s"],
                  "peak_memory_mb": r.metrics["peak_memory_mb"]} for n, r in results.items()],
                out_dir / PLOTS_DIR / "speed.json")
@@ -378,6 +384,25 @@ def write_outputs(results: dict[str, VariantResult], preset: Preset, out_dir: st
               "variants": {n: {"metrics": r.metrics, "details": r.details} for n, r in results.items()}}
     write_json(report, out_dir / "report.json")
     _write_text(out_dir / "report.md", markdown_report(report))
+
+
+def headline(metrics: dict) -> dict:
+    """The ``HEADLINE`` figures of one variant's metrics that it has."""
+    return {k: metrics[k] for k in HEADLINE if k in metrics}
+
+
+def drift_plots(curves: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """``{setting: rows}`` from each variant's ``{setting: per-segment rows}``: a row per segment with each
+    variant's score as a field named after it, so one plot draws a line per variant (dvc.yaml's top-level plots,
+    ``y: ${dag.evaluate}``). The per-segment matches stay in report.json."""
+    out: dict[str, dict[tuple, dict]] = {}
+    for name, by_setting in curves.items():
+        for setting, rows in by_setting.items():
+            merged = out.setdefault(setting, {})
+            for r in rows:
+                row = merged.setdefault((r["segment"], r["time_s"]), {"segment": r["segment"], "time_s": r["time_s"]})
+                row[name] = r["score"]
+    return {setting: [rows[k] for k in sorted(rows)] for setting, rows in out.items()}
 
 
 def _write_text(path: Path, text: str) -> None:
