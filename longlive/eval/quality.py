@@ -35,7 +35,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
@@ -48,6 +47,7 @@ from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE, VideoScor
 from longlive.inference.build import Models, build_models
 from longlive.inference.generate import GenerationResult, generate_video
 from longlive.inference.schedule import PromptSchedule, block_sizes, latent_frame_at, pixel_frame_of
+from longlive.io import write_text_atomic
 from longlive.models.checkpoint import DIT_DIR, Checkpoint
 
 HELDOUT_START = 100_000
@@ -451,16 +451,8 @@ def _plain(o):
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON atomically: a temporary file in the same directory, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``obj`` as JSON atomically (numpy scalars as plain numbers)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_plain) + "\n")
 
 
 # ----------------------------------------------------------------------------- longlive eval-quality

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longlive.config import TrackingConfig, TrainConfig
-from longlive.io import load_state
+from longlive.io import atomic_file, load_state, write_text_atomic
 from longlive.train.ema import EMA
 from longlive.tracking import NullTracker, Tracker, start_tracking
 
@@ -74,9 +74,8 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
@@ -300,8 +299,4 @@ def run_training(
 def write_history(history: list[dict], path: str | os.PathLike, key: str = "loss") -> None:
     """One JSON list of ``{step, <key>}`` rows, the shape ``dvc plots`` reads."""
     rows = [{"step": h["step"], key: h[key]} for h in history if math.isfinite(h[key])]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rows, indent=1))
