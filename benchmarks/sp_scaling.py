@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from longlive.config import ParallelConfig, load_preset  # noqa: E402
 from longlive.inference import build  # noqa: E402
 from longlive.inference.pipeline import StreamingPipeline  # noqa: E402
-from longlive.inference.schedule import PromptSchedule, block_sizes  # noqa: E402
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes  # noqa: E402
 from longlive.models.dit import Block, WanDiT  # noqa: E402
 from longlive.parallel import init_parallel, parallelize, shutdown  # noqa: E402
 
@@ -171,7 +171,7 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
     n = max(warm + args.measure_blocks, args.compare_blocks)
 
     def plans(blocks: int):
-        return PromptSchedule.single("random").plan(block_sizes(blocks * bf, bf), preset.video.fps,
+        return PromptSchedule.single("random").plan(stream_block_sizes(blocks * bf, bf), preset.video.fps,
                                                    preset.vae.temporal_compression)
 
     # 1. cold: the very first block run in this process (Triton JIT, cuBLAS and NCCL set-up included)

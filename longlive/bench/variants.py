@@ -23,7 +23,7 @@ from longlive.eval.perf import PeakMemory
 from longlive.inference import fast
 from longlive.inference.build import apply_inference_path, build_dit
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes
 from longlive.models.dit import WanDiT
 
 
@@ -133,7 +133,7 @@ def inference_for(preset: Preset, shape: BenchShape, v: Variant | None = None, *
 
 
 def _plans(shape: BenchShape, blocks: int, video_fps: int):
-    sizes = block_sizes(blocks * shape.block_frames, shape.block_frames)
+    sizes = stream_block_sizes(blocks * shape.block_frames, shape.block_frames)
     return PromptSchedule.single("random").plan(sizes, video_fps, shape.pixel_frames_per_latent)
 
 
