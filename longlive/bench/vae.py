@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from longlive.bench.shapes import BenchShape, now, sync
+from longlive.bench.harness import now, sync
+from longlive.bench.shapes import BenchShape
 from longlive.config import Preset
 
 

@@ -73,11 +73,6 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _full(x: torch.Tensor) -> torch.Tensor:
     """A DTensor (a norm over FSDP-sharded gradients) as a plain tensor; others unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
@@ -242,12 +237,10 @@ def run_training(
                     "wandb_id": tracker.run_id}
             sharded.save(ckpt_path, parallel, model, opt, extra=ema.shadow if ema is not None else None, meta=meta)
             return
-        atomic_torch_save(
-            {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-             "ema": ema.state_dict() if ema is not None else None, "wandb_id": tracker.run_id},
-            ckpt_path,
-        )
+        with atomic_file(ckpt_path) as tmp:
+            torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                        "ema": ema.state_dict() if ema is not None else None, "wandb_id": tracker.run_id}, tmp)
 
     model.train()
     # In a log (dvc repro, Prefect, CI) every redraw is a new line: update a few times a minute there.
