@@ -1,6 +1,6 @@
 """Prompt-following benchmark of the tiny AR students (issue 3's closing figures).
 
-Runs :func:`longlive.eval.quality.evaluate` on ``models/ar/t2v`` and ``models/ar/i2v``, and as reference
+Runs :func:`longlive.eval.quality.eval_prompt_following` on ``models/ar/t2v`` and ``models/ar/i2v``, and as reference
 points the base teacher used block by block with the students' layout and steps, the teacher sampling the
 whole clip as one block (bidirectional, as it was trained) with the same 4 steps and with 20 Euler steps,
 and the model-free references (held-out clips, their VAE reconstructions, the I2V image held still).
@@ -15,22 +15,15 @@ a few sample mp4s of the students in ``benchmarks/results/ar_quality_tiny_sample
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
+from longlive.bench.harness import fmt
+from longlive.bench.quality import QualityRun, provenance_lines
 from longlive.config import load_preset
-from longlive.eval.perf import cpu_name
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE
-from longlive.eval.quality import (
-    DRIFT_SETTINGS, HELDOUT_START, eval_references, evaluate, heldout_prompts, load_checkpoint, write_json,
-)
+from longlive.eval.quality import DRIFT_SETTINGS, HELDOUT_START, eval_references, heldout_prompts, load_checkpoint
 from longlive.models.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,39 +68,10 @@ def runs() -> list[dict]:
     ]
 
 
-def machine() -> str:
-    return f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_results(result: dict, out: Path, markdown_text: str) -> Path:
-    """``result`` as JSON at ``out`` and ``markdown_text`` beside it (``.md``), each written atomically."""
-    write_json(result, out)
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown_text)
-    os.replace(tmp, md)
-    return md
-
-
-def f(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(result: dict) -> str:
     c = result["chance_score"]
     lines = [
-        "# AR prompt following, tiny preset", "",
-        f"* date: {result['date']}", f"* commit: `{result['commit']}`", f"* machine: {result['machine']}",
-        f"* command: `{result['command']}`", f"* runtime: {result['runtime_s']:.0f} s",
+        "# AR prompt following, tiny preset", "", *provenance_lines(result),
         f"* held-out prompts: synth clips >= {HELDOUT_START}, balanced over colours/shapes/motions; "
         f"{result['settings']['num_prompts']} T2V/I2V, {result['settings']['num_multishot']} multi-shot, "
         f"{result['settings']['num_drift']} drift videos per setting of {result['settings']['length_factor']} training clips",
@@ -123,9 +87,9 @@ def markdown(result: dict) -> str:
     rows += [(f"reference: {k}", "-", v) for k, v in result["references"].items()]
     for name, kind, r in rows:
         after = r.get("after_first", {}).get("score")
-        lines.append(f"| {name} | {kind} | {r['n']} | {f(r['score'])} ± {f(r['score_sem'])} | {f(r['colour_acc'])} | "
-                     f"{f(r['shape_acc'])} | {f(r['motion_acc'])} | {f(r['match_rate'])} | {f(r['object_rate'])} | "
-                     f"{f(after)} | {c:.3f} |")
+        lines.append(f"| {name} | {kind} | {r['n']} | {fmt(r['score'])} ± {fmt(r['score_sem'])} | {fmt(r['colour_acc'])} | "
+                     f"{fmt(r['shape_acc'])} | {fmt(r['motion_acc'])} | {fmt(r['match_rate'])} | {fmt(r['object_rate'])} | "
+                     f"{fmt(after)} | {c:.3f} |")
     lines += ["", "## Multi-shot (cut at the mid-point block boundary)", "",
               "switched = fraction of videos whose second caption's colour and shape show for two consecutive frames "
               "after the cut; delay = frames until then; stuck = second-shot frames still matching shot 1.", "",
@@ -134,9 +98,9 @@ def markdown(result: dict) -> str:
     for name, r in result["runs"].items():
         if "multishot" in r:
             m = r["multishot"]
-            shots = [f"{f(s['score'])} ({f(s['colour_acc'], 2)}/{f(s['shape_acc'], 2)}/{f(s['motion_acc'], 2)})" for s in m["shots"]]
-            lines.append(f"| {name} | {m['n']} | {f(m['score'])} | {shots[0]} | {shots[1]} | {f(m['transition_rate'], 2)} | "
-                         f"{f(m['transition_delay_frames'], 1)} | {f(m['stuck_rate'], 2)} | {c:.3f} |")
+            shots = [f"{fmt(s['score'])} ({fmt(s['colour_acc'], '.2f')}/{fmt(s['shape_acc'], '.2f')}/{fmt(s['motion_acc'], '.2f')})" for s in m["shots"]]
+            lines.append(f"| {name} | {m['n']} | {fmt(m['score'])} | {shots[0]} | {shots[1]} | {fmt(m['transition_rate'], '.2f')} | "
+                         f"{fmt(m['transition_delay_frames'], '.1f')} | {fmt(m['stuck_rate'], '.2f')} | {c:.3f} |")
     lines += ["", "## Long-video drift (per segment of one training clip)", "",
               "switch: the prompt's motion changes every training clip (same object, in-shot switch); single: one "
               "prompt. mean ± sem over videos; slope = least-squares change of the segment score per segment; "
@@ -145,8 +109,8 @@ def markdown(result: dict) -> str:
               "cache KiB max (first clip) | chance |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         for setting, d in r.get("drift", {}).items():
-            lines.append(f"| {name} | {setting} | {f(d['mean'])} ± {f(d['mean_sem'])} | {f(d['first'])} | {f(d['last'])} | {f(d['min'])} | "
-                         f"{f(d['slope'], 4)} | {f(d['match_mean'])} | {f(d['segments_above_chance'], 2)} | "
+            lines.append(f"| {name} | {setting} | {fmt(d['mean'])} ± {fmt(d['mean_sem'])} | {fmt(d['first'])} | {fmt(d['last'])} | {fmt(d['min'])} | "
+                         f"{fmt(d['slope'], '.4f')} | {fmt(d['match_mean'])} | {fmt(d['segments_above_chance'], '.2f')} | "
                          f"{d['cache_bytes_max'] / 1024:.0f} ({d['cache_bytes_first_clip'] / 1024:.0f}) | {c:.3f} |")
     lines += ["", "Per-segment curves, per-prompt rows and motion confusion matrices are in the JSON.", ""]
     return "\n".join(lines)
@@ -161,37 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for tiny models on shared cores)")
     p.add_argument("--out", default=str(RESULTS / "ar_quality_tiny.json"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.chdir(ROOT)
-    preset = load_preset("tiny")
+    bench = QualityRun(ROOT, "benchmarks/ar_quality.py", argv, args.threads)
     out = Path(args.out)
     samples_dir = out.with_name(out.stem + "_samples")
-    t0 = time.perf_counter()
     result: dict = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(), "machine": machine(),
-        "command": " ".join(["python", "benchmarks/ar_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "chance_score": CHANCE_SCORE, "match_chance": MATCH_CHANCE,
-        "settings": {"clip_frames": preset.video.num_frames, "num_prompts": args.num_prompts, "num_multishot": args.num_multishot, "num_drift": args.num_drift,
+        **bench.head, "chance_score": CHANCE_SCORE, "match_chance": MATCH_CHANCE,
+        "settings": {"clip_frames": bench.preset.video.num_frames, "num_prompts": args.num_prompts,
+                     "num_multishot": args.num_multishot, "num_drift": args.num_drift,
                      "length_factor": args.length_factor, "drift_settings": [s[0] for s in DRIFT_SETTINGS]},
         "runs": {},
     }
     for run in runs():
-        t = time.perf_counter()
-        models, cfg_preset, ar_config = load_checkpoint(preset, run["checkpoint"], ROOT / "models/base", run["set"])
-        report = evaluate(models, cfg_preset, run["kinds"], i2v=run["i2v"], num_prompts=args.num_prompts,
-                          num_multishot=args.num_multishot, num_drift=args.num_drift, length_factor=args.length_factor,
-                          drift_settings=run["drift"],
-                          out_dir=samples_dir / run["name"].split(" (")[0].replace(" ", "_") if run["samples"] else None,
-                          samples=run["samples"])
+        report, _, ar_config = bench.score(
+            run["name"], run["checkpoint"], run["kinds"], overrides=run["set"], i2v=run["i2v"],
+            num_prompts=args.num_prompts, num_multishot=args.num_multishot, num_drift=args.num_drift,
+            length_factor=args.length_factor, drift_settings=run["drift"], samples=run["samples"],
+            out_dir=samples_dir / run["name"].split(" (")[0].replace(" ", "_") if run["samples"] else None)
         result["runs"][run["name"]] = {"checkpoint": str(run["checkpoint"].relative_to(ROOT)), "overrides": run["set"],
                                        "ar_config": ar_config, **report}
-        print(f"{run['name']}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    models, cfg_preset, _ = load_checkpoint(preset, ROOT / "models/ar/t2v", ROOT / "models/base")
-    result["references"] = eval_references(models, cfg_preset, heldout_prompts(preset, args.num_prompts))
-    result["runtime_s"] = time.perf_counter() - t0
-    md = write_results(result, out, markdown(result))
-    print(f"wrote {out} and {md} in {result['runtime_s']:.0f} s", file=sys.stderr)
+    models, cfg_preset, _ = load_checkpoint(bench.preset, ROOT / "models/ar/t2v", ROOT / "models/base")
+    result["references"] = eval_references(models, cfg_preset, heldout_prompts(bench.preset, args.num_prompts))
+    bench.finish(result, out, markdown)
     return 0
 
 

@@ -4,7 +4,7 @@
 Writing the KV cache during the last denoising step saves one forward per block (5 -> 4 at 4 steps, 3 -> 2 at
 2 steps), but the cache then holds K/V computed from the last step's *noisy* input at its timestep instead of
 the clean block at t=0 (what the students were trained to read). This runs the built-in prompt-following
-check (:func:`longlive.eval.quality.evaluate`) on the same held-out prompts and seeds with the option off and
+check (:func:`longlive.eval.quality.eval_prompt_following`) on the same held-out prompts and seeds with the option off and
 on, and reports per-evaluation scores and the paired difference (per video, same seed) with its standard error.
 
     python benchmarks/cache_from_last_step.py --models models     # ~5 min on 2 shared CPU cores
@@ -20,9 +20,7 @@ the light decoder's (``models/light_decoder``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,20 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from longlive.bench.harness import paired, write_results  # noqa: E402
 from longlive.config import load_preset  # noqa: E402
-from longlive.eval.quality import DRIFT_SETTINGS, evaluate, load_checkpoint  # noqa: E402
+from longlive.eval.quality import DRIFT_SETTINGS, eval_prompt_following, load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIFT = tuple(s for s in DRIFT_SETTINGS if s[0] in ("single sink=on", "switch sink=on recache=on"))
 
 
 VALUES = {"cache_from_last_step": ("false", "true"), "fp8_attention": ("off", "triton"), "decoder": ("vae", "light")}
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    d = [y - x for x, y in zip(a, b)]
-    sem = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return statistics.fmean(d), sem
 
 
 def main() -> int:
@@ -69,7 +62,7 @@ def main() -> int:
     for on in (False, True):
         models, cfg_preset, ar = load_checkpoint(preset, models_dir / args.checkpoint, models_dir / "base",
                                                  [f"{args.option}={values[on]}"])
-        reports[on] = evaluate(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
+        reports[on] = eval_prompt_following(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
                                num_multishot=args.num_multishot, num_drift=args.num_drift,
                                length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
                                log=lambda m: print(m, flush=True))
@@ -106,12 +99,9 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['eval']} | {r['off']:.3f} ± {r['off_sem']:.3f} | {r['on']:.3f} ± {r['on_sem']:.3f} | "
                      f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES[args.option][1] else f"_{args.on}") \
         + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(Path(args.out_dir) / f"{stem}.json", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

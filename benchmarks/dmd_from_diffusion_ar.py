@@ -19,25 +19,16 @@ Needs the DAG's `base` and `encode` outputs (models/base, the shards); writes it
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from longlive.config import load_preset
+from longlive.bench.harness import fmt
+from longlive.bench.quality import QualityRun, dmd_vs_ar, dmd_vs_ar_lines, provenance_lines
 from longlive.eval.prompt_following import CHANCE_SCORE
-from longlive.eval.quality import evaluate, load_checkpoint
 from longlive.models.checkpoint import Checkpoint
 from longlive.train.ar import train_ar
 from longlive.train.dmd import train_dmd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ar_quality import commit, f, machine, write_results  # noqa: E402  (same folder: shared provenance helpers)
-from dmd_quality import compare, comparison_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,10 +41,9 @@ def steps(n: int) -> list[int]:
     return [round(1000 - i * 1000 / n) for i in range(n)]
 
 
-def uniform_preset():
-    preset = load_preset("tiny")
-    ar = preset.ar.model_copy(update={"timestep_sampling": "uniform"})
-    return preset.model_copy(update={"ar": ar})
+def uniform(preset):
+    """``preset`` with ``ar.timestep_sampling: uniform``: the AR student trains at every noise level."""
+    return preset.model_copy(update={"ar": preset.ar.model_copy(update={"timestep_sampling": "uniform"})})
 
 
 def train(preset, variant: str) -> tuple[Path, Path, dict]:
@@ -75,9 +65,7 @@ def train(preset, variant: str) -> tuple[Path, Path, dict]:
 def markdown(result: dict) -> str:
     c = result["chance_score"]
     lines = [
-        "# DMD from a many-step (diffusion) AR student, tiny preset", "",
-        f"* date: {result['date']}", f"* commit: `{result['commit']}`", f"* machine: {result['machine']}",
-        f"* command: `{result['command']}`", f"* runtime: {result['runtime_s']:.0f} s",
+        "# DMD from a many-step (diffusion) AR student, tiny preset", "", *provenance_lines(result),
         "* AR student: `train_ar` with `ar.timestep_sampling: uniform` (every noise level), otherwise the tiny preset's "
         "recipe; DMD student: `train_dmd` 2-step from it, the tiny preset's recipe",
         f"* {result['num_prompts']} held-out prompts per model, one {result['clip_frames']}-frame video each, same "
@@ -86,11 +74,11 @@ def markdown(result: dict) -> str:
     ]
     for name, r in result["runs"].items():
         s = r["score"]
-        lines.append(f"| {name} | {r['steps']} | {f(s['score'])} ± {f(s['score_sem'])} | {f(s['colour_acc'])} | "
-                     f"{f(s['shape_acc'])} | {f(s['motion_acc'])} | {f(s['object_rate'])} |")
+        lines.append(f"| {name} | {r['steps']} | {fmt(s['score'])} ± {fmt(s['score_sem'])} | {fmt(s['colour_acc'])} | "
+                     f"{fmt(s['shape_acc'])} | {fmt(s['motion_acc'])} | {fmt(s['object_rate'])} |")
     lines += ["", "## The DMD 2-step student against its AR student (paired per video)", "",
               "| variant | DMD 2-step − AR many steps | DMD 2-step − AR 2 steps |", "|---|---|---|"]
-    lines += comparison_lines(result["comparisons"])
+    lines += dmd_vs_ar_lines(result["comparisons"])
     lines += ["", "± is the standard error of the mean per-video difference (same prompt and seed)."]
     if result.get("training"):
         lines += ["", "## Training wall time", "", "| stage | wall s |", "|---|---|"]
@@ -107,17 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "dmd_from_diffusion_ar_tiny.json"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.chdir(ROOT)
-    preset = uniform_preset()
-    t0 = time.perf_counter()
-    result: dict = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(), "machine": machine(), "chance_score": CHANCE_SCORE,
-        "command": " ".join(["python", "benchmarks/dmd_from_diffusion_ar.py", *(argv if argv is not None else sys.argv[1:])]),
-        "num_prompts": args.num_prompts, "clip_frames": preset.video.num_frames, "runs": {}, "comparisons": {},
-        "training": {},
-    }
+    bench = QualityRun(ROOT, "benchmarks/dmd_from_diffusion_ar.py", argv, args.threads)
+    preset = uniform(bench.preset)
+    result: dict = {**bench.head, "chance_score": CHANCE_SCORE, "num_prompts": args.num_prompts,
+                    "clip_frames": preset.video.num_frames, "runs": {}, "comparisons": {}, "training": {}}
     for variant in args.variants:
         ar_dir, dmd_dir, metrics = train(preset, variant)
         for stage, m in metrics.items():
@@ -128,18 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                 (f"DMD {variant} 2-step (from it)", dmd_dir, [])]
         rows = {}
         for name, checkpoint, overrides in runs:
-            t = time.perf_counter()
-            models, cfg, _ = load_checkpoint(preset, checkpoint, ROOT / "models/base", overrides)
-            report = evaluate(models, cfg, [variant], i2v=variant == "i2v", num_prompts=args.num_prompts, samples=0)
+            report, cfg, _ = bench.score(name, checkpoint, [variant], overrides=overrides, preset=preset,
+                                         i2v=variant == "i2v", num_prompts=args.num_prompts, samples=0)
             result["runs"][name] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "overrides": overrides,
                                     "steps": len(cfg.inference.denoising_steps),
                                     "score": {k: v for k, v in report[variant].items() if k != "rows"}}
             rows[name] = [r["score"] for r in report[variant]["rows"]]
-            print(f"{name}: {report[variant]['score']:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-        result["comparisons"][variant] = compare(rows[runs[0][0]], rows[runs[2][0]], rows[runs[-1][0]])
-    result["runtime_s"] = time.perf_counter() - t0
-    write_results(result, Path(args.out), markdown(result))
-    print(markdown(result))
+        result["comparisons"][variant] = dmd_vs_ar(rows[runs[0][0]], rows[runs[2][0]], rows[runs[-1][0]])
+    print(bench.finish(result, Path(args.out), markdown))
     return 0
 
 

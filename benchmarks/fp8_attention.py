@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from longlive.bench.harness import do_bench_ms, python_version, rel_l2, version, write_results  # noqa: E402
 from longlive_kernels import fp8_attention as kern  # noqa: E402
 from longlive_kernels import fp8_attention_ref as ref  # noqa: E402
 
@@ -52,18 +53,11 @@ def e4m3_codes(x: torch.Tensor, per_token: bool):
     return codes, (amax / 448.0).squeeze(-1) if per_token else (amax / 448.0).flatten(1)
 
 
-def bench(fn) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+bench = partial(do_bench_ms, warmup=10, rep=50)
 
 
 def tflops(sq: int, sk: int, ms: float) -> float:
     return 4 * sq * sk * HEAD_DIM * HEADS / (ms * 1e-3) / 1e12
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def sdpa_rows(sq: int, sk: int) -> list[dict]:
@@ -138,9 +132,9 @@ def ours_rows(sq: int, sk: int, sweep: bool = True) -> tuple[list[dict], dict]:
     truth = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
     bf16 = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
     ours = kern.fp8_attention(q, k, v, cfg)[:, :n]
-    errors = {"bf16 SDPA vs float32": rel(bf16, truth), "8-bit vs float32": rel(ours, truth),
-              "8-bit reference vs float32": rel(ref.fp8_attention(q[:, :n], k, v), truth),
-              "8-bit kernel vs its reference": rel(ours, ref.fp8_attention(q[:, :n], k, v))}
+    errors = {"bf16 SDPA vs float32": rel_l2(bf16, truth), "8-bit vs float32": rel_l2(ours, truth),
+              "8-bit reference vs float32": rel_l2(ref.fp8_attention(q[:, :n], k, v), truth),
+              "8-bit kernel vs its reference": rel_l2(ours, ref.fp8_attention(q[:, :n], k, v))}
     print(json.dumps(errors), flush=True)
     return rows, {"best_config": cfg, "errors": errors}
 
@@ -171,8 +165,8 @@ def cudnn_rows(sq: int, sk: int) -> tuple[list[dict], dict]:
     truth = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q[:, :n], k, v))).transpose(1, 2)
     out = cud.fp8_sdpa(q, k, v)[:, :n]
     expected = fp8_sdpa_ref.fp8_sdpa(q[:, :n], k, v)
-    errors = {"cuDNN FP8 vs float32": rel(out, truth), "cuDNN FP8 reference vs float32": rel(expected, truth),
-              "cuDNN FP8 vs its reference": rel(out, expected)}
+    errors = {"cuDNN FP8 vs float32": rel_l2(out, truth), "cuDNN FP8 reference vs float32": rel_l2(expected, truth),
+              "cuDNN FP8 vs its reference": rel_l2(out, expected)}
     print(json.dumps(errors), flush=True)
     return rows, {"errors_cudnn": errors}
 
@@ -212,11 +206,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     gpu = torch.cuda.get_device_name()
-    res = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
-           "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+    res = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": version("triton"),
+           "cudnn": torch.backends.cudnn.version(), "python": python_version(),
            "quantized_sdpa_op": hasattr(torch.ops.aten, "_scaled_dot_product_attention_quantized"), "shapes": {}}
     print(json.dumps({k: v for k, v in res.items() if k != "shapes"}), flush=True)
     for shape in args.shapes:
@@ -235,11 +227,8 @@ def main() -> int:
                 extra.update(ex)
         res["shapes"][shape] = {"rows": rows, **extra}
         torch.cuda.empty_cache()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "fp8_attention_" + gpu.split()[1].lower()
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(res))
+    write_results(Path(args.out_dir) / f"{stem}.json", res, markdown(res))
     print(markdown(res))
     return 0
 

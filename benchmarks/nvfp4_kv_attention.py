@@ -17,13 +17,12 @@ both against a float32 evaluation of the same quantized attention.
     python benchmarks/nvfp4_kv_attention.py                         # CUDA; writes results/nvfp4_kv_attention_<gpu>.{json,md}
     python benchmarks/nvfp4_kv_attention.py --device cpu --small    # smoke test in Triton's interpreter
 
-Imports only torch, triton and ``kernels`` (no pydantic), so it runs on a bare GPU image.
+Imports only torch, triton, ``kernels`` and ``longlive.bench.harness`` (no pydantic), so it runs on a bare GPU image.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from longlive.bench.harness import peak_extra_mib, python_version, times_ms, version, write_results  # noqa: E402
 
 WAN = {"B": 1, "H": 24, "D": 128, "frame": 880, "frames_new": 8, "frames_cached": 24}
 SMALL = {"B": 1, "H": 2, "D": 32, "frame": 6, "frames_new": 2, "frames_cached": 5}
@@ -70,36 +71,6 @@ def pack(x: torch.Tensor, capacity: int):
 
 def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def time_ms(fn, reps: int, warmup: int, cuda: bool) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def peak_extra_mib(fn) -> float:
-    """Peak memory allocated during one call beyond what was allocated before it (output included)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def traffic_bytes(n: int, S: int, C: int, elt: int) -> dict[str, int]:
@@ -182,7 +153,7 @@ def run(sizes: dict, device: str, reps: int, warmup: int) -> dict:
         for name, fn in (("dense", dense), ("nvfp4_dequant", dequant), ("fused", fused)):
             if cuda:
                 torch.cuda.synchronize()
-            times = time_ms(fn, reps, warmup, cuda)
+            times = times_ms(fn, reps, warmup, torch.device(device))
             r[f"{name}_ms"] = statistics.median(times)
             r[f"{name}_ms_min"] = min(times)
             r[f"{name}_tflops"] = flop / (r[f"{name}_ms"] * 1e-3) / 1e12
@@ -258,12 +229,10 @@ def main() -> int:
         return 2
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton.language
-    import triton
-
     reps = args.reps or (20 if cuda else 3)
     sizes = SMALL if args.small else WAN
     dev = torch.cuda.get_device_name() if cuda else f"CPU, Triton interpreter ({platform.processor() or platform.machine()})"
-    result = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+    result = {"device": dev, "torch": torch.__version__, "triton": version("triton"), "python": python_version(),
               "date": time.strftime("%Y-%m-%d"), "reps": reps}
     t0 = time.time()
     result["run"] = run(sizes, args.device, reps, warmup=3 if cuda else 1)
@@ -272,12 +241,9 @@ def main() -> int:
     print(md)
     out_dir = args.out_dir or ("benchmarks/results" if cuda else None)
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         stem = args.name or f"nvfp4_kv_attention_{gpu_slug(dev) if cuda else 'cpu'}" + ("_small" if args.small else "")
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(md)
-        print(f"wrote {out / stem}.json/.md")
+        write_results(Path(out_dir) / f"{stem}.json", result, md)
+        print(f"wrote {Path(out_dir) / stem}.json/.md")
     return 0
 
 

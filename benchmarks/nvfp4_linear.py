@@ -11,16 +11,17 @@ The device check of issue 5: on a CUDA GPU,
 
     python benchmarks/nvfp4_linear.py --out-dir benchmarks/results      # writes nvfp4_linear_<gpu>.{json,md}
 
-Imports only torch, triton, ``longlive.quant`` and ``kernels`` (no pydantic), so it runs on a bare GPU image.
+Imports only torch, triton, ``longlive.quant``, ``longlive.bench.harness`` and ``kernels`` (no pydantic), so it runs on a
+bare GPU image.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from longlive.bench.harness import (  # noqa: E402
+    do_bench_ms, max_rel, peak_extra_mib, python_version, rel_l2, slug, version, write_json, write_results,
+)
 from longlive.quant.linear import NVFP4Linear, check_backend, quantize_activation  # noqa: E402
 from longlive.quant.nvfp4 import quantize  # noqa: E402
 
@@ -36,30 +40,7 @@ TOKENS = [1170, 4680]
 RTOL = 1e-5  # max |triton - emulated| / max |emulated|, float32 outputs
 
 
-def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def bench_ms(fn) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def peak_extra_mib(fn) -> float:
-    """Peak memory allocated during one call beyond what was allocated before it (output included)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
+bench_ms = partial(do_bench_ms, warmup=25, rep=100)
 
 
 def make_layers(K: int, N: int, seed: int):
@@ -82,7 +63,7 @@ def check_small_shapes() -> list[dict]:
             errs = []
             for mode in ("packed", "float16"):
                 tri.triton_activation = mode
-                errs.append(rel_max(tri(x), emu(x)))
+                errs.append(max_rel(tri(x), emu(x)))
             out.append({"M": M, "K": K, "N": N, "rel_max_vs_emulated": max(errs)})
     return out
 
@@ -108,10 +89,10 @@ def run_shape(K: int, N: int, M: int) -> dict:
         for mode in ("packed", "float16"):
             tri.triton_activation = mode
             y32 = tri(x.float())  # float32 in -> float32 out; the same quantized values
-            r[f"rel_max_vs_emulated_{mode}"] = rel_max(y32, y_emu32)
+            r[f"rel_max_vs_emulated_{mode}"] = max_rel(y32, y_emu32)
             r[f"rel_l2_vs_emulated_{mode}"] = rel_l2(y32, y_emu32)
             y = tri(x)
-            r[f"bf16_out_rel_max_vs_emulated_{mode}"] = rel_max(y, y_emu32)
+            r[f"bf16_out_rel_max_vs_emulated_{mode}"] = max_rel(y, y_emu32)
             del y32, y
         r["rel_max_vs_emulated"] = max(r["rel_max_vs_emulated_packed"], r["rel_max_vs_emulated_float16"])
         r["w4a4_rel_l2_vs_bf16_linear"] = rel_l2(tri(x), y_bf16)  # the quantization error itself, for reference
@@ -193,8 +174,6 @@ def main() -> int:
               "`pytest tests/test_nvfp4_kernels.py` (TRITON_INTERPRET=1) instead", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulated reference multiplies in true float32
-    import triton
-
     dev = torch.cuda.get_device_name()
     try:
         check_backend("native", "cuda")
@@ -202,11 +181,10 @@ def main() -> int:
     except RuntimeError as e:
         native = f"unavailable: {e}"
     result = {"device": dev, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
-              "triton": triton.__version__, "python": platform.python_version(),
+              "triton": version("triton"), "python": python_version(),
               "date": time.strftime("%Y-%m-%d"), "rtol": RTOL, "native_backend": native, "shapes": []}
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or "nvfp4_linear_" + "".join(c if c.isalnum() else "_" for c in dev.lower())
+    stem = args.name or "nvfp4_linear_" + slug(dev)
     t0 = time.time()
     result["small_shapes"] = check_small_shapes()
     print("small shapes:", result["small_shapes"], flush=True)
@@ -216,15 +194,14 @@ def main() -> int:
             r["layer"] = layer
             result["shapes"].append(r)
             print(json.dumps(r), flush=True)
-            (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a timeout
+            write_json(out / f"{stem}.json", result)  # partial results survive a timeout
     result["wall_s"] = round(time.time() - t0, 1)
     ok = all(r["rel_max_vs_emulated"] < RTOL and r["act_quant_bit_exact"] for r in result["shapes"]) and all(
         s["rel_max_vs_emulated"] < RTOL for s in result["small_shapes"])
     result["matches_emulated"] = ok
     md = markdown(result)
     print(md)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(md)
+    write_results(out / f"{stem}.json", result, md)
     print(f"wrote {out / stem}.json/.md; triton matches emulated: {ok}")
     return 0 if ok else 1
 

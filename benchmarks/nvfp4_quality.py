@@ -11,21 +11,14 @@ prompts (tiny: 24, a standard error of about 0.04). This benchmark repeats that 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from longlive.config import load_preset
+from longlive.bench.harness import fmt
+from longlive.bench.quality import QualityRun, provenance_lines
 from longlive.eval.prompt_following import CHANCE_SCORE
-from longlive.eval.quality import evaluate, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ar_quality import commit, f, machine, write_results  # noqa: E402  (same folder: shared provenance helpers)
+from longlive.models.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,9 +27,7 @@ CONFIGS = (("bf16", "models/dmd", "dense"), ("nvfp4", "models/nvfp4", "dense"), 
 
 def markdown(result: dict) -> str:
     lines = [
-        "# NVFP4 students vs bf16, tiny preset", "",
-        f"* date: {result['date']}", f"* commit: `{result['commit']}`", f"* machine: {result['machine']}",
-        f"* command: `{result['command']}`", f"* runtime: {result['runtime_s']:.0f} s",
+        "# NVFP4 students vs bf16, tiny preset", "", *provenance_lines(result),
         f"* {result['num_prompts']} held-out prompts per model, same seeds for every model; chance {CHANCE_SCORE:.3f}",
         "", "| student | bf16 | NVFP4 W4A4 | NVFP4 W4A4 + NVFP4 KV | W4A4 − bf16 | + KV − bf16 |", "|---|---|---|---|---|---|",
     ]
@@ -44,8 +35,8 @@ def markdown(result: dict) -> str:
         s = {k: r[k]["score"] for k in ("bf16", "nvfp4", "nvfp4_kv")}
         e = {k: r[k]["score_sem"] for k in ("bf16", "nvfp4", "nvfp4_kv")}
         d = lambda k: f"{s[k] - s['bf16']:+.3f} ± {math.hypot(e[k], e['bf16']):.3f}"  # noqa: E731
-        lines.append(f"| {name} | {f(s['bf16'])} ± {f(e['bf16'])} | {f(s['nvfp4'])} ± {f(e['nvfp4'])} | "
-                     f"{f(s['nvfp4_kv'])} ± {f(e['nvfp4_kv'])} | {d('nvfp4')} | {d('nvfp4_kv')} |")
+        lines.append(f"| {name} | {fmt(s['bf16'])} ± {fmt(e['bf16'])} | {fmt(s['nvfp4'])} ± {fmt(e['nvfp4'])} | "
+                     f"{fmt(s['nvfp4_kv'])} ± {fmt(e['nvfp4_kv'])} | {d('nvfp4')} | {d('nvfp4_kv')} |")
     lines += ["", "± of a difference: sqrt(sem_a² + sem_b²), as if independent; the models share prompts and seeds, "
               "so this overstates the noise of the difference."]
     return "\n".join(lines) + "\n"
@@ -58,15 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "nvfp4_quality_tiny.json"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.chdir(ROOT)
-    preset = load_preset("tiny")
-    t0 = time.perf_counter()
-    result: dict = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(), "machine": machine(), "num_prompts": args.num_prompts, "students": {},
-        "command": " ".join(["python", "benchmarks/nvfp4_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-    }
+    bench = QualityRun(ROOT, "benchmarks/nvfp4_quality.py", argv, args.threads)
+    preset = bench.preset
+    result: dict = {**bench.head, "num_prompts": args.num_prompts, "students": {}}
     for student in args.students:
         row = result["students"][student] = {}
         for name, root, kv in CONFIGS:
@@ -74,15 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             if not checkpoint.is_dir():
                 sys.exit(f"{checkpoint} not found: run `dvc repro quantize@{student}` first")
             p_kv = preset.model_copy(update={"quant": preset.quant.model_copy(update={"kv_cache": kv})})
-            t = time.perf_counter()
-            models, cfg, ar_config = load_checkpoint(p_kv, checkpoint, ROOT / "models/base")
-            kind = "i2v" if (ar_config or {}).get("i2v") else "t2v"
-            r = evaluate(models, cfg, [kind], i2v=kind == "i2v", num_prompts=args.num_prompts, samples=0)[kind]
-            row[name] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "kv_cache": kv, **r}
-            print(f"{student} {name}: {r['score']:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-    result["runtime_s"] = time.perf_counter() - t0
-    write_results(result, Path(args.out), markdown(result))
-    print(markdown(result))
+            kind = "i2v" if (Checkpoint.open(checkpoint).trained or {}).get("i2v") else "t2v"
+            report, _, _ = bench.score(f"{student} {name}", checkpoint, [kind], preset=p_kv, i2v=kind == "i2v",
+                                       num_prompts=args.num_prompts, samples=0)
+            row[name] = {"checkpoint": str(checkpoint.relative_to(ROOT)), "kv_cache": kv, **report[kind]}
+    print(bench.finish(result, Path(args.out), markdown))
     return 0
 
 

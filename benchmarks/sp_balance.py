@@ -13,9 +13,9 @@ Imbalance = max / mean: the slowest rank sets the step time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from longlive.bench.harness import write_results
 from longlive.config import load_preset
 from longlive.models.attention import block_causal_mask
 from longlive.parallel.partition import (
@@ -93,9 +93,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     rows = study("wan22-5b", (2, 4, 8)) + study("tiny", (2,))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sp_balance.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "sp_balance.md").write_text(markdown(rows))
+    write_results(RESULTS / "sp_balance.json", rows, markdown(rows), indent=1)
     for r in rows:
         if r["preset"] == "wan22-5b" and r["mask"] == "teacher_forcing_t2v":
             print(f"{r['mask']:22s} sp={r['sp']} {r['attention']:9s} {r['partition']:10s} imbalance {r['imbalance']:.3f}  "

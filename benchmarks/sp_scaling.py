@@ -41,13 +41,10 @@ timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,24 +53,19 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from longlive.bench.harness import (  # noqa: E402
+    fmt, now, python_version, sync, utc_now, version, write_json, write_results,
+)
+from longlive.bench.variants import random_dit  # noqa: E402
 from longlive.config import ParallelConfig, load_preset  # noqa: E402
 from longlive.inference import build  # noqa: E402
 from longlive.inference.pipeline import StreamingPipeline  # noqa: E402
-from longlive.inference.schedule import PromptSchedule, block_sizes  # noqa: E402
-from longlive.models.dit import Block, WanDiT  # noqa: E402
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes  # noqa: E402
+from longlive.models.dit import Block  # noqa: E402
 from longlive.parallel import init_parallel, parallelize, shutdown  # noqa: E402
 
 PIXEL_FRAMES_PER_LATENT = 4  # the causal VAE: 4 pixel frames per latent frame (a video's very first latent gives 1)
 TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-4}  # relative L2 of SP=N vs SP=1 (see report notes)
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def log(state, *msg) -> None:
@@ -120,21 +112,6 @@ def shapes(preset) -> dict:
             "ffn": preset.dit.ffn_dim}
 
 
-def build_dit(preset, device: torch.device, dtype: torch.dtype, seed: int) -> WanDiT:
-    """Random weights (PyTorch's default init, drawn on ``device`` from ``seed``): the same on every rank of
-    the same GPU type. bf16 keeps norms, adaLN tables and the time embedder in float32, as ``load_dit``."""
-    C = preset.latent_shape[0]
-    torch.manual_seed(seed)
-    with torch.device(device):
-        dit = WanDiT(preset.dit, C, preset.text.dim)
-    if dtype != torch.float32:
-        dit.to(dtype)
-        for name, p in dit.named_parameters():
-            if any(part in WanDiT.keep_in_fp32 for part in name.split(".")):
-                p.data = p.data.float()
-    return dit
-
-
 @torch.no_grad()
 def checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().abs().sum() * (i + 1) for i, p in enumerate(model.parameters())))
@@ -151,7 +128,7 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
     dev, shp, inf = state.device, shapes(preset), preset.inference
     bf, C, h, w = shp["block_frames"], shp["z_dim"], shp["lat_h"], shp["lat_w"]
     t0 = now()
-    dit = build_dit(preset, dev, dtype, args.seed).eval()
+    dit = random_dit(preset, dev, dtype, args.seed)  # the same weights on every rank of one GPU type
     sums = gather_objects(checksum(dit), state)
     if len(set(sums)) != 1:
         raise RuntimeError(f"ranks built different weights: checksums {sums}")
@@ -171,7 +148,7 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
     n = max(warm + args.measure_blocks, args.compare_blocks)
 
     def plans(blocks: int):
-        return PromptSchedule.single("random").plan(block_sizes(blocks * bf, bf), preset.video.fps,
+        return PromptSchedule.single("random").plan(stream_block_sizes(blocks * bf, bf), preset.video.fps,
                                                    preset.vae.temporal_compression)
 
     # 1. cold: the very first block run in this process (Triton JIT, cuBLAS and NCCL set-up included)
@@ -268,7 +245,7 @@ def run_train(args, preset, state, work: Path) -> dict:
     F = args.train_frames or shp["clip_frames"]
     C, h, w, tokens = shp["z_dim"], shp["lat_h"], shp["lat_w"], shp["frame_tokens"]
     t0 = now()
-    model = build_dit(preset, dev, torch.float32, args.seed)  # float32 master weights, bf16 autocast (train_ar)
+    model = random_dit(preset, dev, torch.float32, args.seed)  # float32 master weights, bf16 autocast (train_ar)
     if args.ac:  # before parallelize: SP hooks and FSDP units then sit on the checkpoint wrappers
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     parallelize(model, state, training=True)
@@ -338,22 +315,16 @@ def run_train(args, preset, state, work: Path) -> dict:
 
 
 def environment(state, args) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": args.machine, "torch": torch.__version__, "python": platform.python_version(),
+    env = {"date": utc_now(),
+           "machine": args.machine, "torch": torch.__version__, "python": python_version(),
            "device": str(state.device)}
     if state.device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
                    gpus_visible=torch.cuda.device_count(),
                    nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None)
-        import triton
-
-        env["triton"] = triton.__version__
+        env["triton"] = version("triton")
     env["nccl_env"] = {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}
     return env
-
-
-def fmt(x, spec=".3g") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] | None = None, stem: str = "sp_scaling") -> dict:
@@ -409,7 +380,7 @@ def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] |
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             match = "reference" if r["sp"] == 1 else (
-                f"{fmt(r.get('match_forward_rel_l2'))} / {fmt(r.get('match_blocks_rel_l2_max'))} "
+                f"{fmt(r.get('match_forward_rel_l2'), '.3g')} / {fmt(r.get('match_blocks_rel_l2_max'), '.3g')} "
                 f"({'pass' if r.get('match_pass') else 'FAIL'})" if "match_pass" in r else "no SP=1 run")
             lines.append(f"| {r['sp']} | {r['gpus']} | {r['steady_block_ms']:.1f} | {r['steady_block_gpu_ms']:.1f} | "
                          f"{r['step_gpu_ms']:.1f} | {r['cache_pass_gpu_ms']:.1f} | {r['fps']:.2f} | {fmt(r['speedup'], '.2f')}x | "
@@ -448,9 +419,7 @@ def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] |
                   "(zero_grad, forward + backward, grad-norm clip, AdamW), slowest rank. Float32 master weights, "
                   f"{train[0]['result']['autocast']} autocast (as train_ar), batch 1, AdamW; peak memory over all steps.", ""]
     lines += ["## Notes", ""] + [f"* {n}" for n in summary["notes"]] + [""]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines))
+    write_results(out_dir / f"{stem}.json", summary, "\n".join(lines))
     print("\n".join(lines), flush=True)
     return summary
 
@@ -515,8 +484,8 @@ def main() -> None:
                 raise ValueError(f"unknown part {part!r}")
             result["seconds"] = now() - t0
             if state.is_main:
-                (work / f"part_{part}_sp{state.sp}.json").write_text(json.dumps(
-                    {"environment": env, "shapes": shapes(preset), "result": result}, indent=2))
+                write_json(work / f"part_{part}_sp{state.sp}.json",
+                           {"environment": env, "shapes": shapes(preset), "result": result})
             state.barrier()
         if state.is_main:
             report(work, Path(args.out_dir), args.preset)

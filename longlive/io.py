@@ -24,34 +24,44 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if path.exists():
-            # A directory cannot be renamed over a non-empty one: swap the old one out first, and
-            # put it back if the swap fails half-way.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
-            try:
-                os.replace(path, old)
-            except BaseException:  # e.g. EBUSY for a mount point or the cwd: leave no empty .old- folder behind
-                old.parent.rmdir()
-                raise
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old.parent)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished directory ``src`` over ``dst`` (on the same filesystem). A directory cannot be
+    renamed over a non-empty one, so an existing ``dst`` is swapped out first and put back if the swap fails
+    half-way: a reader sees the old directory or the new one."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent)) / dst.name
+    try:
+        os.replace(dst, old)
+    except BaseException:  # e.g. EBUSY for a mount point or the cwd: leave no empty .old- folder behind
+        old.parent.rmdir()
+        raise
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old.parent)
+
+
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block has written it, rename it over ``path``. A
-    reader sees the old file or the new one, never half of one; on an error nothing is left behind."""
+    reader sees the old file or the new one, never half of one; on an error nothing is left behind.
+
+    The temporary name starts with a dot; ``keep_suffix`` ends it with ``path``'s suffix too, for writers that
+    pick the format by the name (ffmpeg: ``.mp4``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    stem, suffix = (path.stem, path.suffix) if keep_suffix else (path.name, "")
+    tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -97,17 +107,7 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write :func:`safetensors_bytes` to ``path`` atomically (a temporary file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(safetensors_bytes(tensors, metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, safetensors_bytes(tensors, metadata))
 
 
 class UnsafeStateError(RuntimeError):

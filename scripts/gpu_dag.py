@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from longlive.config import load_params, params_document, preset_files  # noqa: E402
+from longlive.io import write_text_atomic  # noqa: E402
+from longlive.secrets import redact  # noqa: E402
 from tests._project import COPIED, fast_tiny  # noqa: E402 - the same copy and fast preset as the DAG tests
 
 DEVICE_LOG_ENV = "LONGLIVE_DEVICE_LOG"  # stages/_common.py appends each stage process's CUDA use there
@@ -201,14 +203,6 @@ class SmiSampler:
             self.thread.join(timeout=5)
 
 
-def redact_text(text: str) -> str:
-    try:
-        from longlive.secrets import redact
-    except ImportError:
-        return text
-    return redact(text)
-
-
 def run_item(item: str, project: Path, env: dict, logs: Path, timeout_s: float | None) -> dict:
     safe = item.replace("@", "_")  # file names of letters, digits, ".", "_" and "-" travel everywhere
     device_log = logs / f"{safe}.device.jsonl"
@@ -228,7 +222,7 @@ def run_item(item: str, project: Path, env: dict, logs: Path, timeout_s: float |
         rc = None
     wall = time.perf_counter() - t0
     sampler.stop()
-    output = redact_text(output)
+    output = redact(output)
     log_path.write_text(output)
     procs = [json.loads(line) for line in device_log.read_text().splitlines()] if device_log.exists() else []
     gpus = [d for p in procs for d in p.get("devices", {}).values()]
@@ -286,9 +280,7 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out: Path) -> None:
     for name, text in (("dag.json", json.dumps(report, indent=1)), ("dag.md", markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.logging import RichHandler
 
 from longlive.config import ConfigError, Preset, load_preset
+from longlive.io import write_text_atomic
 
 DEVICE_LOG_ENV = "LONGLIVE_DEVICE_LOG"  # scripts/gpu_dag.py: where each stage process appends its GPU use
 LOG_FORMAT_ENV = "LONGLIVE_LOG_FORMAT"  # "json": one JSON object per record on stderr (what flows/ reads)
@@ -88,11 +89,7 @@ def _log_device_use(stage: str, path: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_metrics(folder: str | os.PathLike, metrics: dict, headline: tuple[str, ...]) -> None:

@@ -30,13 +30,10 @@ def _parallel(preset, names: list[str]):
     """(device, parallel state, is_main, close) of a multi-process run. Outside torchrun this process is replaced
     by torchrun running this stage (longlive.parallel.launch); the single-process path never imports
     longlive.parallel."""
-    try:
-        from longlive.parallel import init_parallel, shutdown
-        from longlive.parallel.launch import torchrun_command
-        from longlive.parallel.mesh import torchrun_env
-    except ImportError as e:
-        sys.exit(f"evaluate: parallel.nproc * nnodes = {preset.parallel.world_size} needs longlive.parallel "
-                 f"({e}); set parallel.nproc: 1 to evaluate in one process")
+    from longlive.parallel import init_parallel, shutdown
+    from longlive.parallel.launch import torchrun_command
+    from longlive.parallel.mesh import torchrun_env
+
     if torchrun_env() is None:
         cmd = torchrun_command(preset.parallel, "stages.evaluate", names)
         print("evaluate:", " ".join(cmd), file=sys.stderr, flush=True)

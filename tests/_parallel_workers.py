@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from longlive.config import InferenceConfig, ParallelConfig, load_preset
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes
 from longlive.models.attention import KVCache, teacher_forcing_mask
 from longlive.models.dit import WanDiT
 from longlive.parallel import init_parallel, parallelize, shutdown
@@ -117,7 +117,7 @@ def inference_mode(state, attention: str, partition: str, pipeline: bool) -> Non
     cfg = InferenceConfig(block_frames=2, denoising_steps=[1000, 500], timestep_shift=3.0, sink_frames=1,
                           window_frames=3, recache_on_switch=True)
     schedule = PromptSchedule.from_list([{"start": 0, "prompt": "a"}, {"frame": 17, "prompt": "b"}])
-    plans = schedule.plan(block_sizes(8, 2), fps=8, temporal_compression=4)
+    plans = schedule.plan(stream_block_sizes(8, 2), fps=8, temporal_compression=4)
     ctx = [c[None] for c in context[0]]
     outs = []
     for m in (model, ref):

@@ -13,7 +13,7 @@ from longlive.data.encode import encode_dataset
 from longlive.errors import UsageError
 from longlive.inference.build import build_dit
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes
 from longlive.models import wan_adapter
 from longlive.models.checkpoint import AR_CONFIG_NAME, CRITIC_DIR, DIT_DIR, Checkpoint, inference_settings
 from longlive.models.dit import WanDiT
@@ -138,7 +138,7 @@ def test_the_pipeline_streams_a_model_without_changing_it(preset):
         before = [(n, type(m), id(m), m.training, sorted(m.__dict__)) for n, m in model.named_modules()]
         pipe = StreamingPipeline(model, preset.inference)
         C, _, h, w = preset.latent_shape
-        plans = PromptSchedule.single("a red circle moves left").plan(block_sizes(4, 2), 8, 4)
+        plans = PromptSchedule.single("a red circle moves left").plan(stream_block_sizes(4, 2), 8, 4)
         ctx = torch.randn(1, preset.text.max_tokens, preset.text.dim)
         list(pipe.stream(plans, [ctx], (C, h, w)))
         assert [(n, type(m), id(m), m.training, sorted(m.__dict__)) for n, m in model.named_modules()] == before

@@ -16,7 +16,7 @@ from longlive.config import load_preset
 from longlive.inference import fast
 from longlive.inference.build import build_dit
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes
 from longlive.kernels_dispatch import ENV, interpret_on_cpu, kernels_enabled, use_kernel
 from longlive.models.attention import DenseKVStorage, KVCache
 from longlive.models.dit import WanDiT
@@ -44,7 +44,7 @@ def stream(dit, preset, *, latent_frames=12, prompts=("a red circle moves left",
     if storage == "list":  # the reference: KVCache's own per-layer tensors, concatenated per step
         pipe.cache.storage = None
     entries = [{"frame": 4 * i * 3, "prompt": p} for i, p in enumerate(prompts)]
-    plans = PromptSchedule.from_list(entries).plan(block_sizes(latent_frames, icfg.block_frames), 8, 4)
+    plans = PromptSchedule.from_list(entries).plan(stream_block_sizes(latent_frames, icfg.block_frames), 8, 4)
     contexts = [torch.randn(1, preset.text.max_tokens, preset.text.dim, generator=torch.Generator().manual_seed(i))
                 for i in range(len(prompts))]
     C, _, h, w = preset.latent_shape

@@ -12,7 +12,7 @@ from longlive.config import load_preset
 from longlive.data.video_io import read_mp4
 from longlive.inference.generate import Models, generate_video, load_image, timings_path
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule, latent_frame_at
+from longlive.inference.schedule import PromptSchedule, eval_schedule, latent_frame_at, stream_block_sizes
 from longlive.models.dit import WanDiT
 from longlive.models.text import TinyTextEncoder
 from longlive.models.vae import WanVAE
@@ -47,7 +47,7 @@ def test_schedule_from_yaml_and_json(tmp_path):
     s = PromptSchedule.load(tmp_path / "s.yaml")
     assert [e.start_frame(8) for e in s.entries] == [0, 20, 40] and s.entries[2].shot
     assert PromptSchedule.load(tmp_path / "s.json").prompts == s.prompts[:2]
-    plans = s.plan(block_sizes(14, 2), fps=8, temporal_compression=4)
+    plans = s.plan(stream_block_sizes(14, 2), fps=8, temporal_compression=4)
     # pixel 20 -> latent 6 (block 3); pixel 40 -> latent 11 -> the block starting at 12
     assert [p.prompt for p in plans] == [0, 0, 0, 1, 1, 1, 2]
     assert [p.shot for p in plans] == [0] * 6 + [1] and plans[6].new_shot and plans[3].switch
@@ -59,8 +59,8 @@ def test_schedule_from_yaml_and_json(tmp_path):
 
 
 def test_block_sizes_and_frame_mapping():
-    assert block_sizes(5, 2) == [2, 2, 2]
-    assert block_sizes(5, 2, first_alone=True) == [1, 2, 2]
+    assert stream_block_sizes(5, 2) == [2, 2, 2]
+    assert stream_block_sizes(5, 2, first_alone=True) == [1, 2, 2]
     # the first latent frame whose pixel frames start at or after p (latent j >= 1 starts at pixel 4j - 3)
     assert [latent_frame_at(p, 4) for p in (0, 1, 2, 5, 6, 9)] == [0, 1, 2, 2, 3, 3]
 
@@ -73,7 +73,7 @@ def test_i2v_first_latent_is_the_image(preset, models, independent_first_frame):
     cfg = preset.inference.model_copy(update={"independent_first_frame": independent_first_frame})
     C, _, h, w = preset.latent_shape
     image = torch.randn(1, C, 1, h, w, generator=torch.Generator().manual_seed(4))
-    sizes = block_sizes(5, cfg.block_frames, first_alone=independent_first_frame)
+    sizes = stream_block_sizes(5, cfg.block_frames, first_alone=independent_first_frame)
     plans = PromptSchedule.single("a red circle moves left").plan(sizes, 8, 4)
     ctx = models.text.encode(["a red circle moves left"])[0]
     pipe = StreamingPipeline(models.dit, cfg)

@@ -12,7 +12,7 @@ import torch
 from longlive.config import DiTConfig, load_preset
 from longlive.models.cache import FrameRecord, RollingKVCache
 from longlive.inference.pipeline import StreamingPipeline, step_sigmas
-from longlive.inference.schedule import BlockPlan, PromptSchedule, block_sizes
+from longlive.inference.schedule import BlockPlan, PromptSchedule, stream_block_sizes
 from longlive.models.dit import WanDiT
 
 ATOL = 1e-5
@@ -207,7 +207,7 @@ def test_recache_equals_cache_built_from_scratch(dit, contexts, shot_at):
 
 def test_stream_recaches_on_switch(dit, contexts):
     schedule = PromptSchedule.from_list([{"start": 0, "prompt": "a"}, {"frame": 17, "prompt": "b"}])
-    plans = schedule.plan(block_sizes(8, 2), fps=8, temporal_compression=4)
+    plans = schedule.plan(stream_block_sizes(8, 2), fps=8, temporal_compression=4)
     # pixel 17 lies in latent frame 5, inside block [4, 5]: the switch waits for the block starting at 6
     assert [p.prompt for p in plans] == [0, 0, 0, 1] and plans[3].switch
 
@@ -243,7 +243,7 @@ def test_cache_memory_constant_over_10x_training_length():
     n = 10 * clip_frames
     pipe = StreamingPipeline(dit.eval(), cfg)
     ctx = torch.randn(1, preset.text.max_tokens, preset.text.dim, generator=torch.Generator().manual_seed(0))
-    sizes = block_sizes(n, cfg.block_frames)
+    sizes = stream_block_sizes(n, cfg.block_frames)
     nbytes, held, top = [], [], []
     for block in pipe.stream(plans_for(sizes), [ctx], (preset.vae.z_dim, h, w)):
         nbytes.append(block.timings["cache_bytes"])
@@ -294,7 +294,7 @@ def test_windowed_teacher_forcing_equals_streaming_with_the_rolling_cache(dit, c
     """Train as you stream: the noisy half of a windowed teacher-forcing forward (sink 1 + window 3 over a
     9-frame clip) == each block denoised through the rolling cache with ``max_block_position``, and
     past the clip every block sees its sink and window at the positions the clip's last block saw."""
-    from longlive.train.ar import attention_mask, block_sizes as ar_block_sizes, max_block_position
+    from longlive.train.ar import attention_mask, clip_block_sizes, max_block_position
 
     F, sink, window = 9, 1, 3
     g = torch.Generator().manual_seed(1)
@@ -307,7 +307,7 @@ def test_windowed_teacher_forcing_equals_streaming_with_the_rolling_cache(dit, c
               attn_mask=mask, frame_positions=torch.arange(F).repeat(2))[:, :, F:]
     top = max_block_position(F, 2, independent)
     pipe = StreamingPipeline(dit, inference_cfg(sink_frames=sink, window_frames=window, max_block_position=top))
-    plans = plans_for(ar_block_sizes(F, 2, independent))
+    plans = plans_for(clip_block_sizes(F, 2, independent))
     with torch.no_grad():
         for p in plans:
             f0, f1 = p.start, p.start + p.frames

@@ -13,7 +13,7 @@ import torch
 from longlive.config import DiTConfig, load_preset
 from longlive.models.cache import FrameRecord, RollingKVCache
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import BlockPlan, PromptSchedule, block_sizes
+from longlive.inference.schedule import BlockPlan, PromptSchedule, stream_block_sizes
 from longlive.models.attention import KVCache
 from longlive.models.dit import WanDiT
 from longlive.quant import NVFP4KVStorage, quantize
@@ -147,7 +147,7 @@ def test_prompt_switch_recache_and_cfg_with_nvfp4_cache(tiny_dit):
     g = torch.Generator().manual_seed(3)
     contexts = [torch.randn(1, preset.text.max_tokens, preset.text.dim, generator=g) for _ in range(2)]
     schedule = PromptSchedule.from_list([{"start": 0, "prompt": "a"}, {"frame": 17, "prompt": "b"}])
-    plans = schedule.plan(block_sizes(10, 2), fps=8, temporal_compression=4)
+    plans = schedule.plan(stream_block_sizes(10, 2), fps=8, temporal_compression=4)
     assert any(p.switch for p in plans)
     null = torch.zeros_like(contexts[0])
     with torch.no_grad():

@@ -14,7 +14,7 @@ from longlive.models.dit import WanDiT
 from longlive.models.checkpoint import AR_CONFIG_NAME
 from longlive.models.wan_adapter import load_dit, save_dit
 from longlive.train.ar import (
-    Clip, ShardClips, attention_mask, block_sizes, build_batch, collate, masked_flow_loss,
+    Clip, ShardClips, attention_mask, build_batch, clip_block_sizes, collate, masked_flow_loss,
     step_sigmas, tf_forward, train_ar,
 )
 
@@ -68,7 +68,7 @@ def test_teacher_forcing_batch_matches_direct_construction(tiny_preset):
     assert torch.equal(b.sigma[:, 0], b.sigma[:, 1]) and torch.equal(b.sigma[:, 2], b.sigma[:, 3])
     assert all(bool((levels - v).abs().min() < 1e-6) for v in b.sigma.flatten())
     assert torch.equal(b.loss_mask, torch.ones(4, F))
-    assert block_sizes(F, 2) == [2, 2, 1] and block_sizes(F, 2, independent_first_frame=True) == [1, 2, 2]
+    assert clip_block_sizes(F, 2) == [2, 2, 1] and clip_block_sizes(F, 2, independent_first_frame=True) == [1, 2, 2]
 
     for independent, blocks in ((False, [0, 0, 1, 1, 2]), (True, [0, 1, 1, 2, 2])):
         assert torch.equal(attention_mask(F, 3, 2, independent), direct_mask(blocks, 3)), independent

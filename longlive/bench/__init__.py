@@ -1,6 +1,9 @@
 """``longlive bench``: streaming FPS of any preset with random weights (nothing downloads).
 
-:mod:`longlive.bench.args` is the command line, :func:`longlive.bench.run.run` the body.
+:mod:`longlive.bench.args` is the command line, :func:`longlive.bench.run.run` the body. What every benchmark
+shares, ``longlive bench`` and the scripts in ``benchmarks/`` alike (timing, errors, provenance, paired
+comparison, result files), is :mod:`longlive.bench.harness`; what the prompt-following benchmarks of the tiny
+students share, :mod:`longlive.bench.quality`.
 
 Builds the preset's DiT (and its VAE, through diffusers) with random weights and, at each ``--resolution``,
 runs in order -- each stage appending to the JSON and markdown as it finishes, so a timeout keeps what

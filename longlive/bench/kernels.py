@@ -9,7 +9,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from longlive.bench.shapes import BenchShape, bench_ms, max_rel, rel_err
+from longlive.bench.harness import bench_ms, max_rel, rel_l2
+from longlive.bench.shapes import BenchShape
 
 
 def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
@@ -28,7 +29,7 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
     out = []
 
     def record(name, got, ref, fn_kernel, fn_ref, bytes_moved, exact=False):
-        r = {"kernel": name, "resolution": shape.resolution, "max_rel_err": max_rel(got, ref), "rel_l2_err": rel_err(got, ref),
+        r = {"kernel": name, "resolution": shape.resolution, "max_rel_err": max_rel(got, ref), "rel_l2_err": rel_l2(got, ref),
              "kernel_ms": bench_ms(fn_kernel, device), "reference_ms": bench_ms(fn_ref, device)}
         if exact:
             r["bit_exact"] = bool(torch.equal(got.view(torch.uint8), ref.view(torch.uint8)))
@@ -92,8 +93,8 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
             y_emu = layer(a)
             layer.emulated = False
             r = {"kernel": f"fp8 linear {K}x{N}", "resolution": shape.resolution,
-                 "max_rel_err_vs_emulated": max_rel(y, y_emu), "rel_l2_vs_emulated": rel_err(y, y_emu),
-                 "rel_l2_vs_bf16": rel_err(y, lin(a)), "fp8_ms": bench_ms(partial(layer, a), device),
+                 "max_rel_err_vs_emulated": max_rel(y, y_emu), "rel_l2_vs_emulated": rel_l2(y, y_emu),
+                 "rel_l2_vs_bf16": rel_l2(y, lin(a)), "fp8_ms": bench_ms(partial(layer, a), device),
                  "bf16_ms": bench_ms(partial(lin, a), device), "bias_in_gemm": FP8Linear._bias_in_gemm}
             qa, sa = fp8_quant.quantize_rows(a)
             r["fp8_gemm_only_ms"] = bench_ms(partial(layer._scaled_mm, qa, sa), device)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from longlive.bench import harness
 from longlive.bench.kernels import ceiling_key
 from longlive.io import write_text_atomic
 
@@ -139,16 +139,11 @@ def print_table(res: dict, file=None) -> None:
     console.print(table)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically: a temporary file beside ``path``, then a rename."""
-    write_text_atomic(path, text)
-
-
 def write_results(res: dict, json_path: Path) -> None:
     """The JSON, then the markdown beside it (``.md``), each atomically; a markdown failure (a partial result
     missing a field) keeps the JSON."""
-    write_text(json_path, json.dumps(res, indent=2, default=str) + "\n")
+    harness.write_json(json_path, res)
     try:
-        write_text(json_path.with_suffix(".md"), markdown(res))
+        write_text_atomic(json_path.with_suffix(".md"), markdown(res))
     except Exception as e:  # noqa: BLE001 - a partial result must not lose the JSON
         print(f"markdown failed: {e}", flush=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import sys
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 import torch
 
 from longlive.bench.args import DEFAULT_VARIANTS, VARIANT_IDS, VARIANTS, Variant
+from longlive.bench.harness import now, python_version, slug, version
 from longlive.bench.kernels import ceiling, kernel_checks
 from longlive.bench.report import print_table, write_results
-from longlive.bench.shapes import BenchShape, bench_shape, now, step_list
+from longlive.bench.shapes import BenchShape, bench_shape, step_list
 from longlive.bench.vae import build_decoder, is_light, vae_block_time
 from longlive.bench.variants import (
     BenchModel, end_to_end, inference_for, profile_block, stream_blocks, summarize, weight_bytes,
@@ -57,10 +57,6 @@ TIMING = {
 }
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-
-
 def _dedupe(items: list) -> list:
     return list(dict.fromkeys(items))
 
@@ -91,11 +87,11 @@ class Bench:
         self.t_start = now()
         self.steps = args.steps
         label = torch.cuda.get_device_name(device) if self.cuda else _cpu_label()
-        stem = args.name or f"bench_{preset.name}_{_slug(label) if self.cuda else 'cpu'}"
+        stem = args.name or f"bench_{preset.name}_{slug(label).strip('_') if self.cuda else 'cpu'}"
         self.path = Path(args.out_dir) / f"{stem}.json"
         self.res = {
-            "device": label, "machine_kind": args.machine_kind, "torch": torch.__version__, "triton": _version("triton"),
-            "diffusers": _version("diffusers"), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "device": label, "machine_kind": args.machine_kind, "torch": torch.__version__, "triton": version("triton"),
+            "diffusers": version("diffusers"), "python": python_version(), "date": time.strftime("%Y-%m-%d"),
             "preset": preset.name, "command": command, "timing": TIMING[device.type if self.cuda else "cpu"],
             "timing_short": "CUDA events" if self.cuda else "wall clock, CPU",
             "threads": torch.get_num_threads() if not self.cuda else None,
@@ -292,13 +288,6 @@ def _cpu_label() -> str:
     from longlive.eval.perf import device_name
 
     return device_name(torch.device("cpu"))
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:

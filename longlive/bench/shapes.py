@@ -1,57 +1,18 @@
-"""Benchmark shapes from a preset and a resolution, and the timing primitives every stage uses.
+"""Benchmark shapes from a preset and a resolution.
 
 A :class:`BenchShape` is what one streaming block costs: the DiT's sizes (from the preset), the latent
 frame (resolution / the VAE's spatial compression), tokens per latent frame (latent / the DiT's patch),
 block and window frames and the context length (the preset's inference and text settings, or flags).
 Wan2.2-TI2V-5B: 16x spatial compression and a 1x2x2 patch, so 704x1280 -> latent 44x80, 880 tokens per
 latent frame; 480x832 -> latent 30x52, 390 tokens.
-
-Timing: on CUDA ``triton.testing.do_bench`` (median) for standalone pieces and CUDA events inside the
-pipeline; on the CPU wall-clock time (``time.perf_counter``), which is all there is.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from longlive.config import ConfigError, Preset
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_ms(fn, device: torch.device) -> float:
-    """Median milliseconds of ``fn()``: ``do_bench`` on CUDA, wall clock of a few calls after one warm-up on the CPU."""
-    if device.type == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-    return statistics.median(times) * 1e3
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
 def step_list(steps: int, preset_steps: list[int] | None = None) -> list[int]:

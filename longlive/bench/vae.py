@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from longlive.bench.shapes import BenchShape, now, sync
+from longlive.bench.harness import now, sync
+from longlive.bench.shapes import BenchShape
 from longlive.config import Preset
 
 
@@ -51,9 +52,11 @@ def build_decoder(preset: Preset, device: torch.device, kind: str = "vae"):
 def build_vae(preset: Preset, device: torch.device):
     """(vae or None, a line for the report): None when diffusers does not import here."""
     try:
-        from longlive.models.vae import WanVAE
-    except ImportError as e:  # diffusers missing
+        import diffusers  # noqa: F401 - a bare GPU image may lack it: the rows then time the DiT alone
+    except ImportError as e:
         return None, f"excluded: diffusers is not importable here ({e})"
+    from longlive.models.vae import WanVAE
+
     with torch.device(device):
         vae = WanVAE(preset.vae)
     c = preset.vae

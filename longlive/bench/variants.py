@@ -17,25 +17,31 @@ import warnings
 import torch
 
 from longlive.bench.args import Variant
-from longlive.bench.shapes import BenchShape, now, step_list, sync
+from longlive.bench.harness import now, sync
+from longlive.bench.shapes import BenchShape, step_list
 from longlive.config import InferenceConfig, Preset
 from longlive.eval.perf import PeakMemory
 from longlive.inference import fast
 from longlive.inference.build import apply_inference_path, build_dit
 from longlive.inference.pipeline import StreamingPipeline
-from longlive.inference.schedule import PromptSchedule, block_sizes
+from longlive.inference.schedule import PromptSchedule, stream_block_sizes
 from longlive.models.dit import WanDiT
 
 
-def random_dit(preset: Preset, device: torch.device) -> WanDiT:
-    """The preset's DiT with random weights, stored as ``load_dit(dtype=bf16)`` stores it: bf16, with norms,
-    adaLN tables and the time embedder in float32."""
+def random_dit(preset: Preset, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+               seed: int | None = None) -> WanDiT:
+    """The preset's DiT with random weights (PyTorch's default init, drawn on ``device``; from ``seed`` if given,
+    so every rank of one GPU type draws the same), stored as ``load_dit(dtype=...)`` stores it: in ``dtype``,
+    with norms, adaLN tables and the time embedder in float32."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.device(device):
         dit = WanDiT(preset.dit, preset.vae.z_dim, preset.text.dim)
-    dit.to(torch.bfloat16)
-    for name, p in dit.named_parameters():
-        if any(part in WanDiT.keep_in_fp32 for part in name.split(".")):
-            p.data = p.data.float()
+    if dtype != torch.float32:
+        dit.to(dtype)
+        for name, p in dit.named_parameters():
+            if any(part in WanDiT.keep_in_fp32 for part in name.split(".")):
+                p.data = p.data.float()
     return dit.eval()
 
 
@@ -133,7 +139,7 @@ def inference_for(preset: Preset, shape: BenchShape, v: Variant | None = None, *
 
 
 def _plans(shape: BenchShape, blocks: int, video_fps: int):
-    sizes = block_sizes(blocks * shape.block_frames, shape.block_frames)
+    sizes = stream_block_sizes(blocks * shape.block_frames, shape.block_frames)
     return PromptSchedule.single("random").plan(sizes, video_fps, shape.pixel_frames_per_latent)
 
 

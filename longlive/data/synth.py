@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from longlive.config import Preset
+from longlive.io import atomic_dir
 
 # Fixed, well separated hues; the scorer classifies by nearest RGB, so do not make two close.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -204,13 +203,10 @@ def write_dataset(preset: Preset, out_dir: str | os.PathLike) -> dict:
     """
     from longlive.data.video_io import write_mp4  # imageio is only needed when writing
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     counts = {"colour": Counter(), "shape": Counter(), "motion": Counter()}
     n_multi = 0
-    try:
-        (tmp / "videos").mkdir(parents=True)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "videos").mkdir()
         (tmp / "previews").mkdir()
         with open(tmp / "index.jsonl", "w") as index:
             for i in tqdm(range(preset.synth.num_videos), desc="synth", unit="clip", disable=None):
@@ -232,12 +228,6 @@ def write_dataset(preset: Preset, out_dir: str | os.PathLike) -> dict:
             **{name: {k: c[k] for k in order} for (name, c), order in zip(counts.items(), (COLOURS, SHAPES, MOTIONS))},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 

@@ -35,6 +35,7 @@ from longlive.config import Preset, ValidateConfig
 from longlive.data.shards import (
     MANIFEST, ChecksumError, ShardError, iter_shard, open_fs, read_manifest_digest, shard_files,
 )
+from longlive.io import write_text_atomic
 from longlive.secrets import redact_url
 
 MAX_EXAMPLES = 10
@@ -124,12 +125,9 @@ class Report:
     def write(self, out_dir: str | os.PathLike, stem: str = "report") -> tuple[Path, Path]:
         """Write ``{stem}.json`` and ``{stem}.md`` under ``out_dir``; return their paths."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         paths = out / f"{stem}.json", out / f"{stem}.md"
         for path, text in zip(paths, (json.dumps(self.to_dict(), indent=2) + "\n", self.to_markdown())):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
         return paths
 
 

@@ -8,11 +8,12 @@ training source (synth stores lossless ``.npy``).
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from longlive.io import atomic_file
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, quality: int = 8) -> Path:
@@ -23,10 +24,7 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, quality:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"write_mp4 needs uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same suffix so imageio picks the ffmpeg writer; a dot-name so globbing *.mp4 never sees it.
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
+    with atomic_file(path, keep_suffix=True) as tmp:  # ffmpeg picks the container by the suffix
         # yuv420p needs even sizes; macro_block_size=2 pads odd ones instead of failing.
         with iio.get_writer(
             tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
@@ -34,10 +32,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, quality:
         ) as writer:
             for frame in frames:
                 writer.append_data(frame)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

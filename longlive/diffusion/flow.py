@@ -6,8 +6,6 @@ Wan shifts sigmas towards the noisy end with ``shift * s / (1 + (shift - 1) s)``
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -37,33 +35,12 @@ def timestep(sigma: torch.Tensor) -> torch.Tensor:
     return sigma * NUM_TRAIN_TIMESTEPS
 
 
-def sampling_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """``num_steps + 1`` decreasing sigmas from 1 to 0 (the last is the clean sample)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1), shift)
-
-
 def step_list_sigmas(denoising_steps: list[int], shift: float) -> torch.Tensor:
     """Sigmas of a few-step list such as ``[1000, 750, 500, 250]``: ``t / 1000`` through the shift
     (Self-Forcing's warped steps). Training (``train_ar``) draws block noise levels from exactly
     these and inference denoises through them, so both live here, once."""
     t = torch.tensor(denoising_steps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
     return shift_sigma(t, shift).float()
-
-
-@torch.no_grad()
-def euler_sample(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-) -> torch.Tensor:
-    """Integrate dx/ds = v from s=1 to s=0. ``velocity(x, t)`` gets ``t`` of shape (B,)."""
-    x = noise
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.full((x.shape[0],), float(timestep(s)), device=x.device)
-        x = x + (s_next - s) * velocity(x, t)
-    return x
 
 
 def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

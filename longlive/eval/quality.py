@@ -35,7 +35,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
@@ -47,7 +46,8 @@ from longlive.data.synth import COLOURS, MOTIONS, SHAPES, is_multishot, make_cap
 from longlive.eval.prompt_following import CHANCE_SCORE, MATCH_CHANCE, VideoScore, detect_video, score_video
 from longlive.inference.build import Models, build_models
 from longlive.inference.generate import GenerationResult, generate_video
-from longlive.inference.schedule import PromptSchedule, block_sizes, latent_frame_at, pixel_frame_of
+from longlive.inference.schedule import PromptSchedule, latent_frame_at, pixel_frame_of, stream_block_sizes
+from longlive.io import write_text_atomic
 from longlive.models.checkpoint import DIT_DIR, Checkpoint
 
 HELDOUT_START = 100_000
@@ -247,7 +247,7 @@ def eval_i2v(models: Models, preset: Preset, prompts: list[dict], *, seconds: fl
 def midpoint_boundary(preset: Preset, latent_frames: int, image: bool) -> int:
     """The block start (latent frame) nearest the middle of ``latent_frames``, for the multi-shot cut."""
     cfg = preset.inference
-    sizes = block_sizes(latent_frames, cfg.block_frames, first_alone=image and cfg.independent_first_frame)
+    sizes = stream_block_sizes(latent_frames, cfg.block_frames, first_alone=image and cfg.independent_first_frame)
     starts = [sum(sizes[:i]) for i in range(1, len(sizes))]
     if not starts:
         raise ValueError(f"a multi-shot video needs two blocks; {latent_frames} latent frames make one "
@@ -372,7 +372,7 @@ def eval_references(models: Models, preset: Preset, prompts: list[dict]) -> dict
 # ----------------------------------------------------------------------------- the whole set
 
 
-def evaluate(
+def eval_prompt_following(
     models: Models, preset: Preset, kinds: list[str], *, i2v: bool = False, num_prompts: int = 24,
     num_multishot: int | None = None, num_drift: int = 2, length_factor: int = 10,
     drift_settings: tuple = DRIFT_SETTINGS, seed: int = 0, out_dir: str | os.PathLike | None = None,
@@ -451,16 +451,8 @@ def _plain(o):
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON atomically: a temporary file in the same directory, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``obj`` as JSON atomically (numpy scalars as plain numbers)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_plain) + "\n")
 
 
 # ----------------------------------------------------------------------------- longlive eval-quality
@@ -511,7 +503,7 @@ def cli_eval_quality(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    report = evaluate(models, preset, kinds, i2v=i2v, num_prompts=args.num_prompts, num_multishot=args.num_multishot,
+    report = eval_prompt_following(models, preset, kinds, i2v=i2v, num_prompts=args.num_prompts, num_multishot=args.num_multishot,
                       num_drift=args.num_drift, length_factor=args.length_factor, seed=args.seed,
                       out_dir=samples_dir if args.samples else None, samples=args.samples,
                       log=lambda m: print(m, file=sys.stderr))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from longlive.config import Preset
-from longlive.eval.quality import evaluate, load_checkpoint
+from longlive.eval.quality import eval_prompt_following, load_checkpoint
 from longlive.inference.build import build_dit
 from longlive.models.checkpoint import AR_CONFIG_NAME, Checkpoint
 from longlive.quant.export import export_nvfp4
@@ -49,7 +49,7 @@ def quantize_student(
                                             ("nvfp4_kv", out_dir, [], "nvfp4")):
         p = preset.model_copy(update={"quant": preset.quant.model_copy(update={"kv_cache": kv})})
         models, cfg, _ = load_checkpoint(p, checkpoint, base_dir, overrides, device=device)
-        r = evaluate(models, cfg, [kind], i2v=kind == "i2v", num_prompts=num_prompts, samples=0)[kind]
+        r = eval_prompt_following(models, cfg, [kind], i2v=kind == "i2v", num_prompts=num_prompts, samples=0)[kind]
         scores[name] = {"score": r["score"], "score_sem": r["score_sem"]}
     errors = report.weight_error
     if plots_dir is not None:

@@ -52,6 +52,7 @@ from longlive.eval.quality import (
 )
 from longlive.eval.vbench import evaluate_vbench
 from longlive.inference.build import Models, build_models
+from longlive.io import write_text_atomic
 from longlive.inference.generate import generate_video
 from longlive.inference.schedule import PromptSchedule
 from longlive.models.checkpoint import Checkpoint, inference_settings
@@ -383,7 +384,7 @@ def write_outputs(results: dict[str, VariantResult], preset: Preset, out_dir: st
               "chance_score": CHANCE_SCORE, "match_chance": MATCH_CHANCE, "evaluate": preset.evaluate.model_dump(),
               "variants": {n: {"metrics": r.metrics, "details": r.details} for n, r in results.items()}}
     write_json(report, out_dir / "report.json")
-    _write_text(out_dir / "report.md", markdown_report(report))
+    write_text_atomic(out_dir / "report.md", markdown_report(report))
 
 
 def headline(metrics: dict) -> dict:
@@ -404,11 +405,6 @@ def drift_plots(curves: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict
                 row[name] = r["score"]
     return {setting: [rows[k] for k in sorted(rows)] for setting, rows in out.items()}
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _f(x, digits: int = 3) -> str:

@@ -26,7 +26,7 @@ from longlive.inference.pipeline import StreamingPipeline, phase_seconds
 from longlive.inference.request import (
     LIGHT_DECODER_DIR, GenerateRequest, check_seconds, latent_frames_for, read_image, timings_path,
 )
-from longlive.inference.schedule import PromptSchedule, block_sizes, eval_schedule
+from longlive.inference.schedule import PromptSchedule, eval_schedule, stream_block_sizes
 from longlive.inference.writer import BlockDecoder, Mp4Stream
 from longlive.io import write_text_atomic
 from longlive.models.checkpoint import Checkpoint
@@ -126,7 +126,7 @@ def generate_video(
         pixels = image if isinstance(image, torch.Tensor) else load_image(image, preset.video.height, preset.video.width)
         with torch.no_grad():
             image_latent = vae.encode(pixels.to(next(vae.parameters()).device)).float()
-    sizes = block_sizes(latent_frames, cfg.block_frames, first_alone=image is not None and cfg.independent_first_frame)
+    sizes = stream_block_sizes(latent_frames, cfg.block_frames, first_alone=image is not None and cfg.independent_first_frame)
     plans = schedule.plan(sizes, fps, tc)
     contexts = [text.encode([p])[0] for p in schedule.prompts]
     null_context = text.encode([""])[0] if cfg.guidance_scale != 1.0 else None

@@ -19,7 +19,7 @@ import numpy as np
 
 from longlive.config import Preset
 from longlive.errors import UsageError
-from longlive.inference.schedule import PromptSchedule, ScheduleError, block_sizes, latent_frame_at
+from longlive.inference.schedule import PromptSchedule, ScheduleError, latent_frame_at, stream_block_sizes
 from longlive.models.checkpoint import AR_CONFIG_NAME, DIT_DIR, Checkpoint
 
 LIGHT_DECODER_DIR = "models/light_decoder"  # the distill_decoder stage's output
@@ -166,7 +166,7 @@ def check_generate_args(args) -> GenerateRequest:
     warnings = []
     schedule = PromptSchedule.single(args.prompt) if args.prompt is not None else PromptSchedule.load(args.prompt_schedule)
     tc, fps = preset.vae.temporal_compression, preset.video.fps
-    sizes = block_sizes(latent_frames_for(seconds, fps, tc), cfg.block_frames,
+    sizes = stream_block_sizes(latent_frames_for(seconds, fps, tc), cfg.block_frames,
                         first_alone=image is not None and cfg.independent_first_frame)
     try:  # the order of the starts is checked here, where the fps that compares seconds with frames is known
         warnings += schedule.unused(schedule.plan(sizes, fps, tc), fps, tc)

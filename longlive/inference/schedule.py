@@ -219,8 +219,10 @@ def pixel_frame_of(latent_frame: int, temporal_compression: int) -> int:
     return 0 if latent_frame == 0 else temporal_compression * (latent_frame - 1) + 1
 
 
-def block_sizes(num_latent_frames: int, block_frames: int, first_alone: bool = False) -> list[int]:
-    """Whole blocks covering at least ``num_latent_frames``: [k, k, ...] or [1 | k, k, ...]."""
+def stream_block_sizes(num_latent_frames: int, block_frames: int, first_alone: bool = False) -> list[int]:
+    """The blocks a stream generates: whole blocks covering at least ``num_latent_frames`` (the last one may run
+    past the video's end), [k, k, ...] or [1 | k, k, ...]. A training clip's partition is
+    :func:`longlive.train.ar.clip_block_sizes`."""
     if num_latent_frames < 1:
         raise ValueError(f"need at least one latent frame, got {num_latent_frames}")
     head = [1] if first_alone else []

@@ -38,6 +38,7 @@ class Mp4Stream:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # longlive.io.atomic_file's rule, by hand: the file outlives any with-block (close() renames it)
         self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{uuid.uuid4().hex[:8]}{self.path.suffix}")
         self.frames = 0
         self._writer = iio.get_writer(

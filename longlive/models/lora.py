@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from longlive.config import LoRAConfig
+from longlive.io import atomic_file, write_text_atomic
 from longlive.models.checkpoint import ADAPTER_FILE, PEFT_CONFIG, PEFT_WEIGHTS  # noqa: F401 - the layout's names
 from longlive.models.wan_adapter import from_diffusers_module, to_diffusers_module
 
@@ -123,11 +124,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
 def save_adapter(model: nn.Module, cfg: LoRAConfig, directory: str | os.PathLike) -> Path:
     """``directory/lora.safetensors`` with the config (rank, alpha, targets) in its metadata."""
     path = Path(directory) / ADAPTER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp),
-              metadata={"lora_config": cfg.model_dump_json()})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp),
+                  metadata={"lora_config": cfg.model_dump_json()})
     return path
 
 
@@ -159,12 +158,9 @@ def save_peft_adapter(cfg: LoRAConfig, state: dict[str, Tensor], directory: str 
 
     config, weights = peft_adapter(cfg, state, base_model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, write in ((PEFT_WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"})),
-                        (PEFT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
-        tmp = directory / (name + ".tmp")
-        write(tmp)
-        os.replace(tmp, directory / name)
+    with atomic_file(directory / PEFT_WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -7,7 +7,7 @@ written by 2 processes loads in 1 and the other way round; a one-process run wit
 reads and writes the same format. All ranks must see the same directory (a shared filesystem).
 
 The directory appears complete or not at all: everything goes to ``<name>.tmp`` first and the main
-rank swaps it in (:func:`longlive.io.atomic_dir` semantics) after every rank has finished writing.
+rank swaps it in (:func:`longlive.io.replace_dir`) after every rank has finished writing.
 
 Loading never runs code from the directory: ``meta.pt`` loads with ``weights_only=True``; DCP itself
 unpickles its ``.metadata`` file with plain ``pickle`` and the non-tensor entries (optimizer
@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from longlive.io import UnsafeStateError, load_state
+from longlive.io import UnsafeStateError, load_state, replace_dir
 from longlive.parallel.mesh import ParallelState
 
 META_NAME = "meta.pt"
@@ -75,6 +75,7 @@ def save(
 ) -> Path:
     """Write model (+ optimizer, + ``extra`` tensors, + ``meta``) to the directory ``path``. Collective."""
     path = Path(path)
+    # not longlive.io.atomic_dir: every rank writes into the temporary directory, so its name is fixed
     tmp = path.with_name(path.name + ".tmp")
     if state.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,14 +85,7 @@ def save(
         dcp.save(_state(model, optimizer, extra), checkpoint_id=tmp, no_dist=not _distributed())
     if state.is_main:
         torch.save(meta or {}, tmp / META_NAME)
-        if path.exists():  # swap: a directory cannot be renamed over a non-empty one
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     state.barrier()
     return path
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longlive.config import Preset, PublishCheckpoint, PublishConfig
-from longlive.models.checkpoint import ADAPTER_FILE, DIT_DIR, PEFT_CONFIG, PEFT_WEIGHTS
+from longlive.models.checkpoint import ADAPTER_FILE, DIT_DIR
 from longlive.publish.manifest import ReleaseError, json_bytes, verify_folder
 from longlive.secrets import redact
 
@@ -125,10 +125,7 @@ def add_hf_layout(dest: Path, spec: PublishCheckpoint, preset: Preset) -> dict:
         save_dit(model, dest / DIT_DIR)
         info["lora"] = {"merged": True, "rank": cfg.rank, "alpha": cfg.alpha, "modules": modules}
     else:
-        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:  # same disk: the rename below is atomic
-            save_peft_adapter(cfg, state, tmp)
-            for name in (PEFT_WEIGHTS, PEFT_CONFIG):  # weights first: a config always has its weights beside it
-                os.replace(Path(tmp) / name, dest / name)
+        save_peft_adapter(cfg, state, dest)  # weights, then config, each atomically
         info["lora"] = {"merged": False, "format": "peft", "adapter": f"checkpoints/{dest.name}", "rank": cfg.rank,
                         "alpha": cfg.alpha, "modules": modules}
     (dest / ADAPTER_FILE).unlink(missing_ok=True)

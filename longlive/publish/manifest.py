@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from longlive.io import write_bytes_atomic
+
 MANIFEST = "manifest.json"
 FORMAT = "longlive-release/1"
 CHUNK = 8 << 20  # hashing/copy chunk: large enough for throughput, small enough for memory
@@ -164,11 +166,7 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (a reader sees the whole file or none)."""
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_bytes(manifest_bytes(manifest))
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(Path(folder) / MANIFEST, manifest_bytes(manifest))
 
 
 def parse_manifest(data: bytes, where: str) -> dict:

@@ -213,6 +213,7 @@ class ReleaseStore:
             else:
                 self.fs.pipe_file(path, data)
             return
+        # by hand, not longlive.io.atomic_file: the exclusive write (the publish lock) links instead of renaming
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as f:

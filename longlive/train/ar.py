@@ -87,7 +87,9 @@ def frame_blocks(num_frames: int, block_frames: int, independent_first_frame: bo
     return (f + block_frames - 1) // block_frames if independent_first_frame else f // block_frames
 
 
-def block_sizes(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> list[int]:
+def clip_block_sizes(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> list[int]:
+    """A training clip of ``num_frames`` latent frames cut into its causal blocks: the last one is short when
+    the clip does not divide (a stream's blocks are :func:`longlive.inference.schedule.stream_block_sizes`)."""
     return torch.bincount(frame_blocks(num_frames, block_frames, independent_first_frame)).tolist()
 
 
@@ -140,7 +142,7 @@ class ClipMasks:
 def max_block_position(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> int:
     """First frame of the last whole block of a training clip: past it, streaming re-bases RoPE positions
     so every block sits where that block sat in training (see ``RollingKVCache``)."""
-    sizes = block_sizes(num_frames, block_frames, independent_first_frame)
+    sizes = clip_block_sizes(num_frames, block_frames, independent_first_frame)
     starts = np.cumsum([0] + sizes[:-1])
     whole = [int(s) for s, n in zip(starts, sizes) if n == block_frames]
     return whole[-1] if whole else 0
@@ -350,7 +352,7 @@ def inference_config(preset: Preset, variant_name: str) -> dict:
         "independent_first_frame": variant.independent_first_frame,
         "block_frames": cfg.block_frames,
         "train_latent_frames": F,
-        "train_block_sizes": block_sizes(F, cfg.block_frames, variant.independent_first_frame),
+        "train_block_sizes": clip_block_sizes(F, cfg.block_frames, variant.independent_first_frame),
         "max_block_position": max_block_position(F, cfg.block_frames, variant.independent_first_frame),
         "sink_frames": cfg.sink_frames,
         "window_frames": cfg.window_frames,
@@ -438,9 +440,9 @@ def train_ar(
     )
     wall = time.time() - t0
 
-    eval_raw = evaluate(model, data, null_context, cfg, variant, masks, device, preset.seed)
+    eval_raw = eval_tf_loss(model, data, null_context, cfg, variant, masks, device, preset.seed)
     ema.copy_to(model)
-    eval_ema = evaluate(model, data, null_context, cfg, variant, masks, device, preset.seed)
+    eval_ema = eval_tf_loss(model, data, null_context, cfg, variant, masks, device, preset.seed)
 
     export = plain_copy(model, parallel) if parallel is not None and parallel.distributed else model
     if export is not None:  # the main rank (every rank gathered its shards for it)
@@ -468,7 +470,7 @@ def train_ar(
 
 
 @torch.no_grad()
-def evaluate(
+def eval_tf_loss(
     model: WanDiT, data: ShardClips, null_context: Tensor, cfg: ARConfig, variant: ARVariantConfig,
     masks: ClipMasks, device: torch.device, seed: int, batches: int = 4,
 ) -> float:
@@ -489,7 +491,7 @@ def evaluate(
 
 
 __all__ = [
-    "frame_blocks", "block_sizes", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
+    "frame_blocks", "clip_block_sizes", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
     "Clip", "ShardClips", "collate", "TFBatch", "build_batch", "masked_flow_loss", "tf_forward",
     "train_ar", "inference_config", "ARResult",
 ]

@@ -159,7 +159,7 @@ def distill_decoder(
     )
     wall = time.time() - t0
 
-    metrics = evaluate(student, vae, held, store)
+    metrics = eval_light_decoder(student, vae, held, store)
     student.save_pretrained(out_dir, metadata={"distilled_from": str(base_dir / "vae"), "preset": preset.name})
     write_history(history, plots_dir / "loss.json")
     tail = max(1, len(history) // 10)
@@ -181,8 +181,8 @@ def distill_decoder(
 
 
 @torch.no_grad()
-def evaluate(student: LightDecoder, vae: WanVAE, held: list[tuple[str, Tensor]], store: ClipStore,
-             block_frames: int = EVAL_BLOCK_FRAMES) -> dict:
+def eval_light_decoder(student: LightDecoder, vae: WanVAE, held: list[tuple[str, Tensor]], store: ClipStore,
+                       block_frames: int = EVAL_BLOCK_FRAMES) -> dict:
     """PSNRs over the held-out clips (one MSE over all their frames) and seconds per clip of each decoder. The
     light decoder streams blocks of ``block_frames`` latent frames, as at inference (and so bounds its memory)."""
     was_training = student.training

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longlive.config import TrackingConfig, TrainConfig
-from longlive.io import load_state
+from longlive.io import atomic_file, load_state, write_text_atomic
 from longlive.train.ema import EMA
 from longlive.tracking import NullTracker, Tracker, start_tracking
 
@@ -71,12 +71,6 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     """The autocast context of :func:`autocast_dtype` (a disabled one for fp32)."""
     dtype = autocast_dtype(precision, device)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:
@@ -243,12 +237,10 @@ def run_training(
                     "wandb_id": tracker.run_id}
             sharded.save(ckpt_path, parallel, model, opt, extra=ema.shadow if ema is not None else None, meta=meta)
             return
-        atomic_torch_save(
-            {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-             "ema": ema.state_dict() if ema is not None else None, "wandb_id": tracker.run_id},
-            ckpt_path,
-        )
+        with atomic_file(ckpt_path) as tmp:
+            torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                        "ema": ema.state_dict() if ema is not None else None, "wandb_id": tracker.run_id}, tmp)
 
     model.train()
     # In a log (dvc repro, Prefect, CI) every redraw is a new line: update a few times a minute there.
@@ -300,8 +292,4 @@ def run_training(
 def write_history(history: list[dict], path: str | os.PathLike, key: str = "loss") -> None:
     """One JSON list of ``{step, <key>}`` rows, the shape ``dvc plots`` reads."""
     rows = [{"step": h["step"], key: h[key]} for h in history if math.isfinite(h[key])]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rows, indent=1))

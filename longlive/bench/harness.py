@@ -1,0 +1,182 @@
+"""What every benchmark shares: timing, errors, provenance, paired comparison and result files.
+
+``longlive bench`` and the scripts in ``benchmarks/`` measure through these, so each script holds only what it
+measures. Timing on CUDA is CUDA events or ``triton.testing.do_bench`` (median), with the device synchronised
+around wall-clock spans; on the CPU wall-clock time (``time.perf_counter``), which is all there is.
+
+Imports only torch (triton, numpy and git when used): the kernel benchmarks run on a bare GPU image with
+no pydantic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from longlive.io import write_text_atomic
+
+# ----------------------------------------------------------------------------- timing
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def do_bench_ms(fn: Callable, *, warmup: int = 10, rep: int = 40) -> float:
+    """Median milliseconds of ``fn()`` by ``triton.testing.do_bench`` (CUDA; ``warmup`` and ``rep`` in ms)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def times_ms(fn: Callable, reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``reps`` calls after ``warmup`` unmeasured ones: CUDA events around each call
+    on a GPU, wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t = now()
+            fn()
+            out.append((now() - t) * 1e3)
+    return out
+
+
+def bench_ms(fn: Callable, device: torch.device, *, warmup: int = 10, rep: int = 40) -> float:
+    """Median milliseconds of ``fn()``: :func:`do_bench_ms` on CUDA, the wall clock of 5 calls after one
+    warm-up on the CPU."""
+    if device.type == "cuda":
+        return do_bench_ms(fn, warmup=warmup, rep=rep)
+    return statistics.median(times_ms(fn, reps=5, warmup=1, device=device))
+
+
+def peak_extra_mib(fn: Callable) -> float:
+    """CUDA: peak memory allocated during one call beyond what was allocated before it (output included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float32."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def version(module: str) -> str | None:
+    """``module.__version__``, or None where it does not import."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def python_version() -> str:
+    return platform.python_version()
+
+
+def git_commit(root: str | os.PathLike) -> str:
+    """HEAD of the checkout at ``root``, marked when the working tree has uncommitted changes."""
+    try:
+        run = lambda *a, **k: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, **k)  # noqa: E731
+        head = run("rev-parse", "HEAD", check=True).stdout.strip()
+        dirty = run("status", "--porcelain").stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_machine() -> str:
+    """The CPU, its visible cores, torch and its thread count: what a CPU figure is tied to."""
+    from longlive.eval.perf import cpu_name
+
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def slug(text: str) -> str:
+    """A file-name stem from a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia_h100_80gb_hbm3``."""
+    return "".join(c if c.isalnum() else "_" for c in text.lower())
+
+
+def command(script: str, argv: list[str]) -> str:
+    """How the result was produced, for the report: ``python benchmarks/x.py ARGS``."""
+    return " ".join(["python", script, *argv])
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of the per-item differences ``b - a`` and its standard error: for two models scored on the same
+    prompts and seeds, the error that applies to their difference."""
+    d = [y - x for x, y in zip(a, b)]
+    sem = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return statistics.fmean(d), sem
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    """A figure of a table, ``-`` where there is none."""
+    return "-" if x is None else format(x, spec)
+
+
+# ----------------------------------------------------------------------------- result files
+
+
+def _plain(o):
+    if type(o).__module__ == "numpy" and hasattr(o, "item"):  # numpy scalars are numbers, not strings
+        return o.item()
+    return str(o)
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> Path:
+    """``obj`` as JSON, atomically; numpy scalars as numbers, anything else JSON lacks as its ``str``."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=_plain) + "\n")
+
+
+def write_results(json_path: str | os.PathLike, result, markdown: str | None = None, *, indent: int = 2) -> Path:
+    """``result`` as JSON at ``json_path`` and ``markdown`` beside it (``.md``), each atomically; returns the
+    markdown's path."""
+    json_path = Path(json_path)
+    write_json(json_path, result, indent=indent)
+    md = json_path.with_suffix(".md")
+    if markdown is not None:
+        write_text_atomic(md, markdown)
+    return md
