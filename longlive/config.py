@@ -515,7 +515,7 @@ class InferenceConfig(_Strict):
         "real-time video is far past anything the students were trained on; a typo such as 1e9 is refused up front)")
     vae_frames_per_call: StrictInt = Field(default=1, ge=1, description="latent frames per VAE decoder call after the "
                                      "first (1: bitwise as diffusers; more: larger convolutions, more memory)")
-    # the real-time path (longlive.inference.fast); on the CPU every option below but fp8/compile is a no-op
+    # the real-time path (longlive.inference.optimize); on the CPU every option below but fp8/compile is a no-op
     kernels: StrictBool = Field(default=True, description="fused Triton kernels (RoPE, LayerNorm + adaLN, gated residual) "
                           "on CUDA, the PyTorch reference elsewhere; LONGLIVE_KERNELS=0 turns every kernel off")
     compile: StrictBool = Field(default=False, description="torch.compile each DiT block (the KV-cache core stays eager)")

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from longlive.io import UnsafeStateError
-from longlive.train.base import build_base
+from longlive.train.base_models import build_base
 from stages._common import setup, write_metrics
 from stages._data import SYNTH, clips_dir
 

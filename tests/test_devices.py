@@ -169,7 +169,7 @@ def test_clip_grad_norms_with_a_group_without_gradients():
 
 def test_base_trains_the_vae_and_the_teacher_on_the_preset_device(tiny_preset, synth_dir, tmp_path, monkeypatch,
                                                                    meta_items):
-    from longlive.train import base
+    from longlive.train import base_models as base
 
     preset = on_meta(tiny_preset)
     run, seen = stand_in_training()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from longlive_kernels import fp8_attention_ref as ref
-from longlive.inference import fast
+from longlive.inference import optimize
 from longlive.kernels_dispatch import interpret_on_cpu
 from longlive.models.attention import KVCache
 from longlive.models.dit import AttentionCore
@@ -166,20 +166,20 @@ def _core_inputs():
 
 def test_fused_core_uses_the_reference_on_cpu_and_sdpa_when_masked():
     q, k, v, rope = _core_inputs()
-    core = fast.FusedAttentionCore(fp8_attention=True)
+    core = optimize.FusedAttentionCore(fp8_attention=True)
     plain = AttentionCore()
     qr, kr = plain.rotate(q, *rope), plain.rotate(k, *rope)
     assert torch.equal(core(q, k, v, rope=rope), ref.fp8_attention(qr, kr, v))
     mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
     assert torch.equal(core(q, k, v, rope=rope, mask=mask), plain(q, k, v, rope=rope, mask=mask))
     # off by default: the plain numbers
-    assert torch.equal(fast.FusedAttentionCore()(q, k, v, rope=rope), plain(q, k, v, rope=rope))
+    assert torch.equal(optimize.FusedAttentionCore()(q, k, v, rope=rope), plain(q, k, v, rope=rope))
 
 
 def test_fused_core_updates_the_cache_as_the_plain_core():
     q, k, v, rope = _core_inputs()
     caches = [KVCache(1) for _ in range(2)]
-    for cache, core in zip(caches, (fast.FusedAttentionCore(fp8_attention=True), AttentionCore())):
+    for cache, core in zip(caches, (optimize.FusedAttentionCore(fp8_attention=True), AttentionCore())):
         with cache.writing():
             core(q, k, v, rope=rope, kv_cache=cache, layer=0)
     held = [c.held(0) for c in caches]
@@ -191,7 +191,7 @@ def test_fused_core_runs_the_kernel_in_the_interpreter():
     from longlive_kernels.fp8_attention import fp8_attention
 
     q, k, v, rope = _core_inputs()
-    core = fast.FusedAttentionCore(fp8_attention=True)
+    core = optimize.FusedAttentionCore(fp8_attention=True)
     with interpret_on_cpu():
         out = core(q, k, v, rope=rope)
         qr, kr = core.rotate(q, *rope), core.rotate(k, *rope)
@@ -204,10 +204,10 @@ def test_optimize_installs_fp8_attention_on_self_attention_only():
 
     cfg = DiTConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, freq_dim=32, patch_size=(1, 2, 2))
     dit = WanDiT(cfg, 4, 32)
-    applied = fast.optimize(dit, fp8_attention=True)
+    applied = optimize.optimize(dit, fp8_attention=True)
     assert applied["fp8_attention"] == "triton"
     assert all(b.attn1.core.fp8_attention == "triton" and b.attn2.core.fp8_attention == "off" for b in dit.blocks)
-    assert fast.optimize(WanDiT(cfg, 4, 32), kernels=False, fp8_attention=True)["fp8_attention"] == "off"
+    assert optimize.optimize(WanDiT(cfg, 4, 32), kernels=False, fp8_attention=True)["fp8_attention"] == "off"
 
 
 @needs_cuda

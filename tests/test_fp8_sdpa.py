@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from longlive_kernels import fp8_quant_ref, fp8_sdpa_ref as ref
-from longlive.inference import fast
+from longlive.inference import optimize
 from longlive.models.attention import KVCache
 from longlive.models.dit import AttentionCore
 
@@ -104,7 +104,7 @@ def test_fused_core_uses_the_reference_on_cpu_and_sdpa_when_masked():
 
     q, k, v = qkv(1, 32, 32, 2, 32, seed=11)
     rope = rope_freqs(32, torch.arange(2), 4, 4)
-    core, plain = fast.FusedAttentionCore(fp8_attention="cudnn"), AttentionCore()
+    core, plain = optimize.FusedAttentionCore(fp8_attention="cudnn"), AttentionCore()
     qr, kr = plain.rotate(q, *rope), plain.rotate(k, *rope)
     assert torch.equal(core(q, k, v, rope=rope), ref.fp8_sdpa(qr, kr, v))
     mask = torch.ones(32, 32, dtype=torch.bool).tril()
@@ -128,10 +128,10 @@ def test_fp8_attention_modes_in_config_and_optimize():
         InferenceConfig(**{**base, "fp8_attention": "fa3"})
     cfg = DiTConfig(num_layers=2, dim=64, num_heads=2, ffn_dim=128, freq_dim=32, patch_size=(1, 2, 2))
     dit = WanDiT(cfg, 4, 32)
-    assert fast.optimize(dit, fp8_attention="cudnn")["fp8_attention"] == "cudnn"  # CPU: the reference, no check
+    assert optimize.optimize(dit, fp8_attention="cudnn")["fp8_attention"] == "cudnn"  # CPU: the reference, no check
     assert all(b.attn1.core.fp8_attention == "cudnn" and b.attn2.core.fp8_attention == "off" for b in dit.blocks)
     with pytest.raises(ValueError, match="fp8_attention must be one of"):
-        fast.FusedAttentionCore(fp8_attention="fa3")
+        optimize.FusedAttentionCore(fp8_attention="fa3")
     assert ConfigError  # imported for the preset loader's error type
 
 

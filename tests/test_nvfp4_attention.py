@@ -22,7 +22,7 @@ import torch
 from longlive_kernels import nvfp4_attention_ref
 from longlive_kernels.nvfp4_quant_ref import global_scale, quantize_rows
 from longlive_kernels.rope_ref import apply_rope
-from longlive.inference import fast
+from longlive.inference import optimize
 from longlive.kernels_dispatch import ENV, interpret_on_cpu
 from longlive.models.attention import KVCache
 from longlive.models.dit import AttentionCore
@@ -157,11 +157,11 @@ def _fast_core_run(core, held_frames, write, interpret):
 def test_fast_core_on_cpu_is_the_plain_path(monkeypatch):
     for held_frames, write in ((0, True), (3, False), (3, True)):
         plain, s_plain = _fast_core_run(AttentionCore(), held_frames, write, interpret=False)
-        got, s_got = _fast_core_run(fast.FusedAttentionCore(nvfp4_attention=True), held_frames, write, interpret=False)
+        got, s_got = _fast_core_run(optimize.FusedAttentionCore(nvfp4_attention=True), held_frames, write, interpret=False)
         assert torch.equal(got, plain) and s_got.length == s_plain.length
     if INTERPRETER:  # the one switch: no kernel even inside interpret_on_cpu
         monkeypatch.setenv(ENV, "0")
-        got, _ = _fast_core_run(fast.FusedAttentionCore(nvfp4_attention=True), 3, True, interpret=True)
+        got, _ = _fast_core_run(optimize.FusedAttentionCore(nvfp4_attention=True), 3, True, interpret=True)
         assert torch.equal(got, plain)
 
 
@@ -174,9 +174,9 @@ def test_fast_core_runs_the_kernel_and_writes_the_same_cache(held_frames, monkey
     real = kernel.nvfp4_attention
     monkeypatch.setattr(kernel, "nvfp4_attention", lambda *a: calls.append(1) or real(*a))
     plain, s_plain = _fast_core_run(AttentionCore(), held_frames, True, interpret=False)
-    _fast_core_run(fast.FusedAttentionCore(), held_frames, True, interpret=True)
+    _fast_core_run(optimize.FusedAttentionCore(), held_frames, True, interpret=True)
     assert calls == []  # off unless asked for (slower than dequantize + SDPA on an H100)
-    got, s_got = _fast_core_run(fast.FusedAttentionCore(nvfp4_attention=True), held_frames, True, interpret=True)
+    got, s_got = _fast_core_run(optimize.FusedAttentionCore(nvfp4_attention=True), held_frames, True, interpret=True)
     assert calls == [1]
     assert float((got - plain).abs().max()) <= ATTN_RTOL * float(plain.abs().max())
     assert s_got.length == s_plain.length
@@ -214,7 +214,7 @@ def test_kernel_on_gpu_at_wan22_5b_shape():
 def test_fast_core_on_gpu_runs_the_kernel_and_writes_the_same_cache():
     tokens, B, H, D, held_frames = 20, 2, 3, 64, 3
     outs, stores = [], []
-    for core in (AttentionCore(), fast.FusedAttentionCore(nvfp4_attention=True)):
+    for core in (AttentionCore(), optimize.FusedAttentionCore(nvfp4_attention=True)):
         cache = KVCache(1, storage=NVFP4KVStorage(1, max_frames=8))
         with cache.writing():
             cache.update(0, randn(B, held_frames * tokens, H, D, seed=1, device="cuda", dtype=torch.bfloat16),

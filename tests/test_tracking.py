@@ -100,7 +100,7 @@ def test_resumed_run_continues_its_wandb_run_with_a_nested_config_and_unchanged_
 
 
 def test_base_stage_tracks_the_vae_and_the_teacher(wandb_env, tiny_preset, synth_dir, tmp_path):
-    from longlive.train.base import build_base
+    from longlive.train.base_models import build_base
 
     wandb_env.setenv("WANDB_PROJECT", "base-check")
     steps = TrainConfig(steps=2, batch_size=2, lr=1e-3, log_every=1)

@@ -23,7 +23,7 @@ def set_kernels(decoder, on: bool) -> None:
     """The VAE's fused norm + SiLU kernels on or off (the light decoder has no norms: nothing to do)."""
     if is_light(decoder):
         return
-    from longlive.inference.fast_vae import apply_vae_kernels, remove_vae_kernels
+    from longlive.inference.optimize_vae import apply_vae_kernels, remove_vae_kernels
 
     apply_vae_kernels(decoder) if on else remove_vae_kernels(decoder)
 

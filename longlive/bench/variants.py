@@ -21,7 +21,7 @@ from longlive.bench.harness import now, sync
 from longlive.bench.shapes import BenchShape, step_list
 from longlive.config import InferenceConfig, Preset
 from longlive.eval.perf import PeakMemory
-from longlive.inference import fast
+from longlive.inference import optimize
 from longlive.inference.build import apply_inference_path, build_dit
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, stream_block_sizes
@@ -76,7 +76,7 @@ class BenchModel:
     def fp8_on(self) -> None:
         from longlive.quant.fp8 import convert_to_fp8
 
-        fast.remove_context_memo(self.dit)  # the memo wraps modules the conversion replaces
+        optimize.remove_context_memo(self.dit)  # the memo wraps modules the conversion replaces
         self._fp8_originals = {n: m for n, m in self.dit.named_modules() if isinstance(m, torch.nn.Linear)}
         convert_to_fp8(self.dit)
 
@@ -97,7 +97,7 @@ class BenchModel:
     def to_nvfp4(self, backend: str = "auto") -> dict:
         from longlive.quant.convert import convert_to_nvfp4
 
-        fast.remove_context_memo(self.dit)
+        optimize.remove_context_memo(self.dit)
         rep = convert_to_nvfp4(self.dit, backend=backend, device=self.device)
         self.nvfp4_backend = rep.backend
         if self.device.type == "cuda":
@@ -110,9 +110,9 @@ class BenchModel:
         if v.weights == "fp8":
             self.fp8_on()
         if not v.kernels:
-            fast.remove_kernels(self.dit)
+            optimize.remove_kernels(self.dit)
         if v.plain:
-            fast.remove_context_memo(self.dit)
+            optimize.remove_context_memo(self.dit)
         inference = variant_inference(self.preset, v)
         if inference.kernels or inference.compile or inference.fp8:
             apply_inference_path(self.dit, inference)

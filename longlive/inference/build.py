@@ -13,7 +13,7 @@ which applies these steps in this order, and is the only place that applies them
 4. **quantize** -- ``nvfp4``: the linears converted to NVFP4 (``quant:`` settings; a packed checkpoint is NVFP4
    already); ``qat``: NVFP4 fake quantization of weights and activations, for training;
 5. **inference path** -- with ``inference`` given and its ``kernels``, ``compile`` or ``fp8`` on,
-   :func:`longlive.inference.fast.optimize`: FP8 linears, then fused kernels, the per-prompt context memo and
+   :func:`longlive.inference.optimize.optimize`: FP8 linears, then fused kernels, the per-prompt context memo and
    torch.compile. After every module swap above, since the memo wraps modules a conversion replaces;
 6. **parallelize** -- sequence parallel over ``parallel``'s SP group, and FSDP2 over all ranks when
    ``training``. It touches activations only and wraps whatever the steps above left (a fused attention core
@@ -23,7 +23,7 @@ What was done is recorded on the model (``dit.build_record``, a :class:`BuildRec
 changes a built model: :class:`~longlive.inference.pipeline.StreamingPipeline` streams it as it is.
 
 :func:`build_models` adds what inference needs besides the DiT: the VAE (with its decoder's fused norm + SiLU
-when ``inference.kernels``, :mod:`longlive.inference.fast_vae`), the text encoder, and the light decoder when
+when ``inference.kernels``, :mod:`longlive.inference.optimize_vae`), the text encoder, and the light decoder when
 ``inference.decoder`` is ``light``. The inference settings it builds for are ``preset.inference``, merged by
 :meth:`Checkpoint.inference` (preset, trained layout, variant, ``--set``) before the build.
 """
@@ -145,9 +145,9 @@ def build_dit(
 
 
 def apply_inference_path(dit: WanDiT, inference: InferenceConfig) -> dict:
-    """Step 5 alone: :func:`longlive.inference.fast.optimize` with ``inference``'s switches. Bench measures
+    """Step 5 alone: :func:`longlive.inference.optimize.optimize` with ``inference``'s switches. Bench measures
     several paths on one set of weights and calls it per variant; everything else gets it from :func:`build_dit`."""
-    from longlive.inference.fast import optimize
+    from longlive.inference.optimize import optimize
 
     return optimize(dit, kernels=inference.kernels, compile=inference.compile, fp8=inference.fp8,
                     fp8_attention=inference.fp8_attention)
@@ -178,7 +178,7 @@ def build_models(
     vae_device = resolve_device(cfg.vae_device) if cfg.vae_device != "auto" else device
     vae = WanVAE.from_pretrained(base / "vae", expect=preset.vae, device=vae_device).eval()
     if cfg.kernels and cfg.decoder != "light":  # the decoder's fused norm + SiLU (bitwise the reference off CUDA)
-        from longlive.inference.fast_vae import apply_vae_kernels
+        from longlive.inference.optimize_vae import apply_vae_kernels
 
         apply_vae_kernels(vae)
     text = load_text_encoder(preset.text, base / "text")

@@ -127,7 +127,7 @@ class AttentionCore(nn.Module):
         return attention(q, k, v, mask)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """RoPE of q or k (a fused kernel overrides this, ``longlive.inference.fast``)."""
+        """RoPE of q or k (a fused kernel overrides this, ``longlive.inference.optimize``)."""
         return apply_rope(x, cos, sin)
 
 
@@ -140,7 +140,7 @@ class Modulate(nn.Module):
     """``norm(x) * (1 + scale) + shift`` per frame (adaLN), or ``norm(x)`` alone, in ``x``'s dtype.
 
     Parameter-free (the norm is an argument), like :class:`AttentionCore`, so a fused kernel can replace
-    it per block from outside (``longlive.inference.fast``) without touching weights or state-dict keys.
+    it per block from outside (``longlive.inference.optimize``) without touching weights or state-dict keys.
     ``scale`` / ``shift``: (B, f, 1, D), one row per frame of ``x`` (B, S, D).
     """
 

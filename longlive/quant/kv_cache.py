@@ -22,7 +22,7 @@ block); if a write ever needs more it grows geometrically and logs it.
 Reading dequantizes the held tokens (``longlive_kernels.nvfp4_quant_ref.dequantize_rows``, plain PyTorch) and
 concatenates the new, unquantized ones; attention is then the usual SDPA. :meth:`NVFP4KVStorage.update_packed`
 instead hands the packed views to a Triton attention kernel that dequantizes in registers
-(``kernels/nvfp4_attention.py``; opt-in through ``longlive.inference.fast``). Quantization uses the
+(``kernels/nvfp4_attention.py``; opt-in through ``longlive.inference.optimize``). Quantization uses the
 Triton kernel (``kernels/nvfp4_quant.py``) on CUDA and its PyTorch reference elsewhere (bit-identical).
 """
 

@@ -11,7 +11,7 @@ from longlive.config import TrainConfig, load_preset
 from longlive.data.synth import write_dataset
 from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import load_dit
-from longlive.train.base import build_base, fit_latent_stats, load_videos, vae_psnr
+from longlive.train.base_models import build_base, fit_latent_stats, load_videos, vae_psnr
 
 pytestmark = pytest.mark.slow
 

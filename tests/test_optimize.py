@@ -1,4 +1,4 @@
-"""The real-time inference path (``longlive.inference.fast``, ``DenseKVStorage``, the sync-free chunk loop,
+"""The real-time inference path (``longlive.inference.optimize``, ``DenseKVStorage``, the sync-free chunk loop,
 FP8 linears, writing the cache from the last step) against the plain path, on the tiny preset.
 
 Speed is measured by ``benchmarks/fps.py`` on a GPU, never here. On the CPU the kernel-backed modules
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from longlive.config import load_preset
-from longlive.inference import fast
+from longlive.inference import optimize
 from longlive.inference.build import build_dit
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, stream_block_sizes
@@ -106,7 +106,7 @@ def test_fast_path_on_cpu_equals_the_plain_path(preset):
     plain, _, _ = stream(make_dit(preset), preset, kernels=False)
     dit = make_dit(preset)
     got, _, _ = stream(dit, preset, kernels=True)
-    assert isinstance(dit.blocks[0].modulate, fast.FusedModulate)
+    assert isinstance(dit.blocks[0].modulate, optimize.FusedModulate)
     assert torch.equal(got, plain)  # on the CPU the fused modules run their references
 
 
@@ -123,10 +123,10 @@ def test_fused_kernels_in_the_model_match_the_reference(preset):
         with cache.writing():
             dit(x, torch.zeros(1, 2), ctx, kv_cache=cache, frame_positions=torch.tensor([0, 1]))
         ref = dit(x, t, ctx, kv_cache=cache, frame_positions=torch.tensor([2, 3]))
-        fast.apply_kernels(dit)
+        optimize.apply_kernels(dit)
         with interpret_on_cpu():
             got = dit(x, t, ctx, kv_cache=cache, frame_positions=torch.tensor([2, 3]))
-        fast.remove_kernels(dit)
+        optimize.remove_kernels(dit)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
@@ -145,7 +145,7 @@ def test_one_switch_turns_every_kernel_off(monkeypatch):
 
 def test_context_memo_runs_the_text_projections_once_per_prompt(preset):
     dit = make_dit(preset)
-    fast.apply_context_memo(dit)
+    optimize.apply_context_memo(dit)
     calls = []
     dit.blocks[0].attn2.to_k.register_forward_hook(lambda m, i, o: calls.append(o))
     C, _, h, w = preset.latent_shape
@@ -155,7 +155,7 @@ def test_context_memo_runs_the_text_projections_once_per_prompt(preset):
         out_a = dit(x, torch.tensor([500.0]), a)
         dit(x, torch.tensor([250.0]), a)
         out_b = dit(x, torch.tensor([500.0]), b)
-        fast.remove_context_memo(dit)
+        optimize.remove_context_memo(dit)
         assert torch.equal(out_a, dit(x, torch.tensor([500.0]), a)) and torch.equal(out_b, dit(x, torch.tensor([500.0]), b))
     assert calls[0] is calls[1] and calls[2] is not calls[0]  # the same prompt: the memoised output
     assert set(dit.state_dict()) == set(make_dit(preset).state_dict())
@@ -168,7 +168,7 @@ def test_compile_keeps_results_and_does_not_recompile_per_layer(preset):
     counters.clear()
     ref, _, _ = stream(make_dit(preset), preset, kernels=False)
     dit = make_dit(preset)
-    fast.compile_blocks(dit, backend="eager")  # dynamo's capture only: no compiler needed on the CPU
+    optimize.compile_blocks(dit, backend="eager")  # dynamo's capture only: no compiler needed on the CPU
     got, _, _ = stream(dit, preset, kernels=False)
     assert torch.equal(got, ref)
     assert "Dynamo recompile limit exceeded" not in str(dict(counters["unimplemented"]))
@@ -228,7 +228,7 @@ def test_cache_from_last_step_saves_one_forward_per_block(preset):
 
 
 def test_vae_kernels_keep_the_decode(preset):
-    from longlive.inference.fast_vae import FusedWanRMSNorm, apply_vae_kernels, remove_vae_kernels
+    from longlive.inference.optimize_vae import FusedWanRMSNorm, apply_vae_kernels, remove_vae_kernels
     from longlive.models.vae import WanVAE
 
     torch.manual_seed(0)
