@@ -28,7 +28,7 @@ for ``benchmarks/results/``):
 
     eval "$(bash scripts/gpu_wheels.sh --install .whl /tmp/site)"; PYTHONUNBUFFERED=1 python3 benchmarks/encode_bench.py --out-dir $OUT
 
-Any machine, the code path in seconds (tests/test_encode.py runs this):
+Any machine, the code path in seconds (tests/unit/test_encode.py runs this):
 
     python benchmarks/encode_bench.py --preset tiny --clips 4 --out-dir /tmp/encode_bench
 """

@@ -171,7 +171,7 @@ def main() -> int:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/nvfp4_linear.py needs a CUDA GPU (the Triton kernels); on the CPU run "
-              "`pytest tests/test_nvfp4_kernels.py` (TRITON_INTERPRET=1) instead", file=sys.stderr)
+              "`pytest tests/unit/test_nvfp4_kernels.py` (TRITON_INTERPRET=1) instead", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulated reference multiplies in true float32
     dev = torch.cuda.get_device_name()

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of ``kernels/adaln.py``: LayerNorm + adaLN modulation, and the gated residual.
 
 The arithmetic of a Wan DiT block (``longlive.models.dit``), restated here so that ``kernels/`` stays
-below ``longlive`` in the layering (``tests/test_adaln_kernel.py`` checks the two agree bit for bit):
+below ``longlive`` in the layering (``tests/unit/test_fused_kernels.py`` checks the two agree bit for bit):
 
 * ``layernorm_modulate``: ``LayerNorm(x)`` in float32 (optionally with a float32 weight and bias), then
   per frame ``* (1 + scale) + shift``, rounded to ``x``'s dtype;

@@ -3,7 +3,7 @@
 diffusers' ``WanRMS_norm`` on a channels-first tensor (B, C, *spatial): ``F.normalize`` over C in float32
 (``x / max(||x||_2, 1e-12)``), rounded to x's dtype, then ``* sqrt(C) * gamma + bias`` in x's dtype; in the
 decoder's residual blocks and head a SiLU follows. Restated here so that ``kernels/`` stays below
-``longlive``; ``tests/test_fused_kernels.py`` checks this equals the diffusers module bit for bit.
+``longlive``; ``tests/unit/test_fused_kernels.py`` checks this equals the diffusers module bit for bit.
 """
 
 from __future__ import annotations

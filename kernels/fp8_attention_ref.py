@@ -24,7 +24,7 @@ All-zero groups have their amax floored at ``AMAX_MIN`` (as ``kernels/fp8_quant_
 codes and scales equal these bit for bit; the attention here is exact float32 arithmetic on the same
 codes (the int32 dots are exact in float32: |sum| <= 127**2 * 256 < 2**24) with P rounded against the row's
 final max, where the kernel's online softmax rounds against the running max: that and the float32 sum
-order is what separates the two (``tests/test_fp8_attention.py`` states the tolerances).
+order is what separates the two (``tests/unit/test_fp8_attention.py`` states the tolerances).
 """
 
 from __future__ import annotations

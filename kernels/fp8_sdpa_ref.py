@@ -14,7 +14,7 @@ the prompt-following check (``benchmarks/cache_from_last_step.py --option fp8_at
 
 The kernel's online softmax rounds P against the running row max of the key tiles seen so far (and skips
 rescaling below a threshold), not the final one, and sums in another order: that is what separates the two
-(``tests/test_fp8_sdpa.py`` states the tolerance).
+(``tests/unit/test_fp8_sdpa.py`` states the tolerance).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The streaming self-attention of a block that reads the NVFP4 KV cache
 by the new ones, rotated together by the key RoPE tables (keys are cached before RoPE); the values
 likewise, unrotated; no mask. It is what ``AttentionCore.forward`` computes for that case, written with
 the same functions (``dequantize_rows``, the RoPE reference, SDPA), so the two agree bit for bit
-(``tests/test_nvfp4_attention.py``).
+(``tests/unit/test_nvfp4_attention.py``).
 
 Cached K or V: ``(packed, scales, global_)`` views of (B, n, heads * head_dim / 2) uint8,
 (B, n, heads * head_dim / 16) float8_e4m3fn and (B, n) float32 (see ``kernels/nvfp4_quant_ref.py``),

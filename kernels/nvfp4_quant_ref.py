@@ -4,7 +4,7 @@ Rows of ``x`` (R, K) are quantized in blocks of 16 along K with one FP32 global 
 for the whole matrix (a per-row global is what the NVFP4 KV cache stores: each cached token is
 quantized on its own, so its codes never depend on what else was written with it). The arithmetic is
 the NVFP4 definition of ``longlive/quant/nvfp4.py`` (torchao's order of operations), restated here in
-plain PyTorch so that ``kernels/`` stays below ``longlive`` in the layering; ``tests/test_nvfp4_kernels.py``
+plain PyTorch so that ``kernels/`` stays below ``longlive`` in the layering; ``tests/unit/test_nvfp4_kernels.py``
 checks the two agree bit for bit, and that the Triton kernel agrees with this file bit for bit.
 
 Layouts: codes packed two per byte, lower index in the low nibble, (R, K/2) uint8; block scales

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of ``kernels/rope.py``: rotary position embedding of (B, S, heads, head_dim) tensors.
 
 The same arithmetic as ``longlive.models.rope.apply_rope`` (restated here so that ``kernels/`` stays below
-``longlive`` in the layering; ``tests/test_rope_kernel.py`` checks the two agree bit for bit): adjacent
+``longlive`` in the layering; ``tests/unit/test_fused_kernels.py`` checks the two agree bit for bit): adjacent
 channel pairs ``(x[2i], x[2i+1])`` of every head are rotated by the angle whose cos and sin are
 ``cos[..., i]`` and ``sin[..., i]``, in float32, and the result is rounded to ``x``'s dtype.
 

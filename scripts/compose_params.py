@@ -4,7 +4,7 @@
     python scripts/compose_params.py preset=small     # Hydra overrides, as `dvc exp run -S` takes them
 
 ``dvc exp run`` does the same before it runs; this is for a change you want to see in ``dvc status`` first, or
-to commit (tests/test_presets_dvc.py checks params.yaml is the composition of conf/).
+to commit (tests/integration/test_presets_dvc.py checks params.yaml is the composition of conf/).
 """
 
 from __future__ import annotations

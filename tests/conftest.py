@@ -1,4 +1,9 @@
-"""Shared fixtures: a small tiny preset, a synth dataset, model-free encoders, a local moto S3 server."""
+"""Shared fixtures: a small tiny preset, a synth dataset, model-free encoders, a local moto S3 server.
+
+``tests/unit/``: one module (or a few) in process, tiny tensors, seconds each. ``tests/integration/``: the
+pieces together as users run them -- stages, the CLI, DVC, Prefect or the installer as processes, local
+servers (moto S3, Prefect), the trained tiny models. The helpers beside this file (``_project.py``,
+``_tiny_models.py``, ...) serve both; ``python -m pytest tests/unit`` is the quick loop while editing."""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ class CaptionCache:
     captions, sit together in ingest's index) instead of every caption of the run.
 
     An embedding does not depend on the other captions of the encoder's call (padding is to a fixed
-    ``max_tokens``; tests/test_encode.py checks the tiny encoder row by row), so embedding only the new captions of
+    ``max_tokens``; tests/unit/test_encode.py checks the tiny encoder row by row), so embedding only the new captions of
     a batch gives the bits that embedding all of them did.
     """
 

@@ -17,7 +17,7 @@ probability 1/8, its shape 1/3 and its motion 1/5, so such a video scores ``CHAN
 expectation (less if the object is missing); a frame matches colour and shape together with 1/24.
 
 The detector is calibrated to survive what a small VAE does to a video: blur, noise, resampling and
-brightness loss (see the constants' comments and ``tests/test_prompt_following.py``). It assumes synth's
+brightness loss (see the constants' comments and ``tests/unit/test_prompt_following.py``). It assumes synth's
 scene: one object covering well under half of a darker, roughly plain background.
 """
 

@@ -22,7 +22,7 @@ from longlive.errors import UsageError
 
 from _tiny_models import save_tiny_base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ModelLoadReached(AssertionError):

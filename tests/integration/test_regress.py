@@ -13,7 +13,7 @@ from longlive.eval.regress import (
     RegressError, compare, load_baseline, load_metrics, main, rule_for, widen_baseline, write_baseline,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def metrics(**over):

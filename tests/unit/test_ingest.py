@@ -290,7 +290,7 @@ def test_stage_with_synth_and_with_a_folder(videos, ray_local, tmp_path, monkeyp
 
     from stages import ingest as stage
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     params = yaml.safe_load((root / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LONGLIVE_PARAMS", str(tmp_path / "params.yaml"))

@@ -36,7 +36,7 @@ from longlive.config import load_preset
 
 from _tiny_models import save_tiny_base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PYPI = "https://pypi.org/simple"
 

@@ -23,7 +23,7 @@ def test_a_stage_that_reads_clips_names_the_key_to_set(stage, tmp_path, monkeypa
     from pathlib import Path
 
     # the small preset as `dvc exp run -S preset=small` records it (LONGLIVE_PRESET alone is refused)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     runpy.run_path(str(root / "scripts/compose_params.py"))["compose"](["preset=small"], out=tmp_path / "params.yaml")
     monkeypatch.setenv("LONGLIVE_PARAMS", str(tmp_path / "params.yaml"))
     monkeypatch.chdir(tmp_path)

@@ -32,7 +32,7 @@ from longlive.publish import (
 from longlive.publish.manifest import build_manifest, manifest_bytes, write_manifest
 from longlive.publish.store import LATEST, LOCKS, STAGING
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures

@@ -1,7 +1,7 @@
 """Resume state never runs code: a planted pickle in ``checkpoint.pt``, in a DCP checkpoint's ``meta.pt``,
 ``.metadata`` or one of its non-tensor entries is refused with one line naming the file, before anything in
-it executes; the state the loop writes itself still loads (exact resume: tests/test_train_loop.py,
-tests/test_parallel.py). The train_ar stage itself, given the planted ``meta.pt`` of issue 15, exits in one line."""
+it executes; the state the loop writes itself still loads (exact resume: tests/unit/test_train_loop.py,
+tests/unit/test_parallel.py). The train_ar stage itself, given the planted ``meta.pt`` of issue 15, exits in one line."""
 
 import builtins
 import pickle
@@ -19,7 +19,7 @@ from longlive.parallel.mesh import ParallelState
 from longlive.train.loop import run_training
 
 from _tiny_models import save_tiny_base
-from tests.test_data_safety import stage_project, validated_project  # noqa: F401 - fixtures
+from tests.integration.test_data_safety import stage_project, validated_project  # noqa: F401 - fixtures
 
 CFG = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=1)
 

@@ -37,7 +37,7 @@ from longlive.models.vae import WanVAE
 
 from _tiny_models import save_tiny_base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECONDS = 3  # the 1x length; 10x = 30 s = 241 frames (tiny preset: 8 fps, 2 latent frames = 8 frames a block)
 
 # `longlive generate` in this process, then its peak resident set (VmHWM: this process only, kilobytes)

@@ -27,7 +27,7 @@ from longlive.models.wan_adapter import save_dit
 from longlive.train.loop import clip_grad_norms, step_generator
 
 META = torch.device("meta")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Reached(Exception):

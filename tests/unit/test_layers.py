@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "longlive"
 
 # Layer rank of each top-level part of longlive/ (a subpackage or a root module).
@@ -87,7 +87,7 @@ def upward_imports() -> list[str]:
 def test_every_part_of_longlive_has_a_layer():
     parts = {p.stem if p.is_file() else p.name for p in PKG.iterdir()
              if (p.suffix == ".py" or (p / "__init__.py").exists())}
-    assert parts - {"__init__"} <= set(RANK), f"give these a layer in tests/test_layers.py: {sorted(parts - set(RANK))}"
+    assert parts - {"__init__"} <= set(RANK), f"give these a layer in tests/unit/test_layers.py: {sorted(parts - set(RANK))}"
 
 
 def test_no_module_imports_from_a_layer_above_it():
@@ -183,7 +183,7 @@ def test_dvc_code_deps_are_the_import_closure_of_each_stage():
         missing, extra = sorted(closure - covered), sorted(covered - closure)
         if missing or extra:
             wrong.append(f"{name}: missing {missing}, not imported {extra}")
-    assert not wrong, ("dvc.yaml deps differ from what the stages import (python tests/test_layers.py prints "
+    assert not wrong, ("dvc.yaml deps differ from what the stages import (python tests/unit/test_layers.py prints "
                        "the deps to write):\n" + "\n".join(wrong))
 
 

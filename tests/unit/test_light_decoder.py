@@ -20,7 +20,7 @@ from longlive.models.vae import WanVAE
 from longlive.models.wan_adapter import save_dit
 from longlive.train.light_decoder import distill_decoder
 from conftest import validate_into
-from tests.test_config import write_params
+from tests.unit.test_config import write_params
 
 SIZES = dict(channels=[16, 8, 8], blocks=[2, 1], spatial_upsample=[True, True], temporal_upsample=[True, True],
              patch_size=2)  # 4x8x8, the tiny VAE's compression

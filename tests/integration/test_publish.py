@@ -437,7 +437,7 @@ def test_cli_publish_pull_and_generate(inputs, tmp_path, capsys):
 def test_stage_publishes_and_reruns_idempotently(inputs, tmp_path, monkeypatch):
     import stages.publish
 
-    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     cfg = config(inputs, "releases", version="{preset}-{commit}", wandb=True)
     params["presets"]["tiny"]["publish"] = cfg.model_dump()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -22,7 +22,7 @@ from longlive.secrets import (
     redact_url,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Distinctive enough that finding one in an output can only mean a leak; '/' and '+' as real AWS keys have.
 ENV_KEY_ID = "AKIDLEAKCANARY4417"
 ENV_SECRET = "EnvSecretCanary/93+q7Zx"

@@ -19,7 +19,7 @@ from conftest import make_fake_encoders, validate_into
 from longlive.data.encode import encode_dataset
 from longlive.data.shards import ShardError, ShardWriter, iter_samples, open_fs, read_manifest
 from longlive.data.validate import NotValidatedError, require_validated
-from tests.test_config import write_params
+from tests.unit.test_config import write_params
 
 FOREIGN = b"id,value\n1,keep me\n"
 

@@ -17,7 +17,7 @@ from longlive.train.loop import run_training
 from longlive.tracking import NullTracker, stage_config, start_tracking, wandb_target
 from test_train_loop import CFG, Killed, make_task
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = TrackingConfig()  # the presets' default: offline, project "longlive"
 
 

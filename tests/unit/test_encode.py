@@ -30,7 +30,7 @@ from longlive.data.video_io import frames_to_tensor
 from longlive.models.text import TinyTextEncoder
 from longlive.models.vae import WanVAE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
