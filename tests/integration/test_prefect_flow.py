@@ -354,16 +354,17 @@ if name == "publish":
     Path("reports/publish/release.json").write_text(json.dumps({"version": "test-v1", "url": "releases/test-v1"}))
 '''
 
-# synth and base overlap (one on each pool); then three items are ready and max_parallel=2 holds one back;
+# synth and base overlap (one on each pool; 12 s each, so a worker that starts its flow run's process a few seconds
+# late on a loaded 2-core machine still overlaps the other); then three items are ready and max_parallel=2 holds one back;
 # publish (cpu) and evaluate (gpu) both follow train_ar, so the chain stays short
 SYNTHETIC_DVC_YAML = """\
 stages:
   synth:
-    cmd: python step.py synth ok 6
+    cmd: python step.py synth ok 12
     deps: [step.py]
     outs: [out/synth.json]
   base:
-    cmd: python step.py base ok 6
+    cmd: python step.py base ok 12
     deps: [step.py]
     outs: [out/base.json]
   broken:
