@@ -65,6 +65,13 @@ def test_default_preset_is_the_one_the_file_records_and_the_env_may_only_agree(t
         (lambda p: p["dit"].update(patch_size=[1, True, 2]), "presets.tiny.dit.patch_size.1", "valid integer"),
         (lambda p: p["ar"]["train"].update(lr=True), "presets.tiny.ar.train.lr", "valid number"),
         (lambda p: p["ar"]["train"].update(lr="1e-3"), "presets.tiny.ar.train.lr", "valid number"),
+        # encode's loader and process settings
+        (lambda p: p["encode"].update(nproc=0), "presets.tiny.encode.nproc", "must be >= 1 or auto"),
+        (lambda p: p["encode"].update(nproc="all"), "presets.tiny.encode.nproc", "auto"),
+        (lambda p: p["encode"].update(workers=-1), "presets.tiny.encode.workers", "greater than or equal to 0"),
+        (lambda p: p["encode"].update(prefetch=0), "presets.tiny.encode.prefetch", "greater than or equal to 1"),
+        (lambda p: p["encode"].update(batch_size=0), "presets.tiny.encode.batch_size", "greater than 0"),
+        (lambda p: p["encode"].update(dtype="fp16"), "presets.tiny.encode.dtype", "'auto', 'bf16' or 'fp32'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, words):
