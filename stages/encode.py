@@ -22,15 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
-
 import torch.distributed as dist
 
 from longlive.data.encode import EncodeTimings, encode_dataset, encode_dtype, text_encoder, video_encoder
 from longlive.data.prompts import CORPUS_NAME, training_prompts, write_corpus
 from longlive.data.shards import ShardError, open_fs
 from longlive.data.synth import read_index
-from longlive.models.text import load_text_encoder
 from longlive.device import resolve_device
+from longlive.io import write_bytes_atomic
+from longlive.models.text import load_text_encoder
 from longlive.models.vae import WanVAE
 from longlive.secrets import redact_url
 from stages import _data
@@ -117,11 +117,7 @@ def main() -> None:
     if rank != 0:
         return
     fs, root = open_fs(url)
-    OUT.mkdir(parents=True, exist_ok=True)
-    local = OUT / "manifest.json"
-    tmp = local.with_name(local.name + ".tmp")
-    tmp.write_bytes(fs.cat_file(f"{root.rstrip('/')}/manifest.json"))
-    os.replace(tmp, local)
+    local = write_bytes_atomic(OUT / "manifest.json", fs.cat_file(f"{root.rstrip('/')}/manifest.json"))
     # the training captions as a prompt corpus (dmd.prompts), in the order a trainer holds the clips
     write_corpus(OUT / CORPUS_NAME, training_prompts(json.loads(local.read_bytes()), read_index(clips_dir(preset))))
     write_json(OUT / "_inputs.json", {"fingerprint": fingerprint, "url": redact_url(url)})
