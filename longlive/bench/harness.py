@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -245,8 +245,15 @@ def rank_gather(obj, state) -> list:
 # ----------------------------------------------------------------------------- result files
 
 
-def md_table(columns: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
-    """A markdown table's lines: the header, its rule, one line per row (cells as ``str`` gives them)."""
+def md_table(columns: Sequence[str] | Mapping[str, str | Callable[[dict], str]], rows: Iterable) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row.
+
+    ``columns`` names the columns and ``rows`` holds sequences of cells (written as ``str`` gives them), or
+    ``columns`` maps each name to how a row dict becomes its cell: a format string over the row's keys
+    (``"{ms:.3f}"``) or a function of the row."""
+    if isinstance(columns, Mapping):
+        specs = list(columns.values())
+        rows = ([spec.format(**r) if isinstance(spec, str) else spec(r) for spec in specs] for r in rows)
     return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
