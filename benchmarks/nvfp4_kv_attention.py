@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from longlive.bench.harness import (  # noqa: E402
-    gbps, gpu_short, max_abs, max_rel, md_table, peak_extra_mib, provenance, save, tflops, times_ms,
+    gbps, gpu_short, max_abs, max_rel, md_table, missing_cuda, peak_extra_mib, provenance, save, tflops, times_ms,
 )
 from longlive.quant.kv_cache import NVFP4KVStorage  # noqa: E402
 

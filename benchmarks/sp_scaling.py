@@ -45,6 +45,7 @@ import json
 import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -223,7 +224,7 @@ def run_train(args, preset, state) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     log(state, f"[train sp={state.sp}] model built, AC={args.ac}, FSDP2={state.distributed} in {now() - t0:.1f} s")
     batch, mask = teacher_forcing_inputs(preset, F, dev, args.seed + 3)  # the same batch on every rank
-    steps = train_steps(model, opt, lambda: teacher_forcing_loss(model, batch, mask, dev), args.train_steps, dev,
+    steps = train_steps(model, opt, partial(teacher_forcing_loss, model, batch, mask, dev), args.train_steps, dev,
                         grad_clip=preset.ar.grad_clip,
                         log=lambda rec: log(state, f"[train sp={state.sp}] {json.dumps(rec)}"))
     tokens = 2 * F * shp["frame_tokens"]
