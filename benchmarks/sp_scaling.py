@@ -30,12 +30,10 @@ state = blocks whose cache holds the full sink + window; FPS = 4 pixel frames pe
 32 video frames per block / steady block time; first-block latency of a warm process (and of the cold
 first block in the process, which includes kernel JIT); peak memory per GPU.
 
-Training (``--parts train``): one teacher-forcing step of ``longlive.train.ar`` (``build_batch``,
-``attention_mask``, ``tf_forward``, ``masked_flow_loss``; [clean | noisy] = 2 x ``--train-frames``
-latent frames, full block-causal history as the wan22-5b AR preset) in bf16 autocast over float32
-weights, with activation checkpointing of every block (``--ac``, applied before ``parallelize``),
-FSDP2 over all ranks + SP, grad-norm clipping and an AdamW step; the first step warms up, the rest are
-timed.
+Training (``--parts train``): the teacher-forcing step of :mod:`longlive.bench.train` ([clean | noisy] =
+2 x ``--train-frames`` latent frames, full block-causal history as the wan22-5b AR preset, bf16 autocast
+over float32 weights) with activation checkpointing of every block (``--ac``, applied before
+``parallelize``), FSDP2 over all ranks + SP and AdamW; the first step warms up, the rest are timed.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from longlive.bench.harness import (  # noqa: E402
-    cuda_peak_gib, errors, fmt, md_table, now, python_version, rank_gather, rank_max, sync, utc_now, version, write_json, write_results,
+    cuda_peak_gib, errors, fmt, md_table, now, rank_gather, rank_max, run_environment, sync, write_json, write_results,
 )
 from longlive.bench.train import summarize_steps, teacher_forcing_inputs, teacher_forcing_loss, train_steps  # noqa: E402
 from longlive.bench.variants import random_dit  # noqa: E402
@@ -241,19 +239,6 @@ def run_train(args, preset, state) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def environment(state, args) -> dict:
-    env = {"date": utc_now(),
-           "machine": args.machine, "torch": torch.__version__, "python": python_version(),
-           "device": str(state.device)}
-    if state.device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
-                   gpus_visible=torch.cuda.device_count(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None)
-        env["triton"] = version("triton")
-    env["nccl_env"] = {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}
-    return env
-
-
 def peak(result: dict, key: str) -> float | None:
     """The most any rank of ``result`` held of ``key`` (None off CUDA)."""
     return max(m.get(key, 0) for m in result["memory_per_rank"]) or None
@@ -403,7 +388,7 @@ def main() -> None:
         torch.bfloat16 if state.device.type == "cuda" else torch.float32)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    env = environment(state, args)
+    env = run_environment(state.device, args.machine)
     log(state, f"sp_scaling: {args.preset}, world {world}, {env}")
     try:
         for part in [p.strip() for p in args.parts.split(",") if p.strip()]:

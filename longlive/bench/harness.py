@@ -177,6 +177,19 @@ def provenance(*modules: str) -> dict:
             "python": python_version()}
 
 
+def run_environment(device: torch.device, machine: str | None = None) -> dict:
+    """Where a run on one or several GPUs ran: date, machine kind, torch, python, device and, on CUDA, the GPU,
+    CUDA, visible GPUs, NCCL and triton; the NCCL settings that change collectives (NVLink multicast)."""
+    env = {"date": utc_now(), "machine": machine, "torch": torch.__version__, "python": python_version(),
+           "device": str(device)}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, gpus_visible=torch.cuda.device_count(),
+                   nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
+                   triton=version("triton"))
+    env["nccl_env"] = {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}
+    return env
+
+
 def missing_cuda(message: str) -> bool:
     """True, after printing ``message`` (what to run instead) as one line on stderr, when there is no CUDA GPU."""
     if torch.cuda.is_available():
