@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from longlive.io import write_text_atomic
 
@@ -130,8 +131,8 @@ def errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def bit_exact(*pairs: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether each pair holds the same bytes (shapes and bit patterns; NaNs and -0.0 compared as bits)."""
-    return all(a.shape == b.shape and a.dtype == b.dtype
-               and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)) for a, b in pairs)
+    as_bytes = lambda t: t.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(as_bytes(a), as_bytes(b)) for a, b in pairs)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -237,8 +238,6 @@ def rank_max(values: list[float], state) -> list[float]:
     """Each of ``values`` maxed over the ranks of ``state`` (a ``ParallelState``): the slowest rank sets the pace."""
     if not state.distributed:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=state.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -248,8 +247,6 @@ def rank_gather(obj, state) -> list:
     """``obj`` of every rank of ``state``, in rank order."""
     if not state.distributed:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * state.world_size
     dist.all_gather_object(out, obj)
     return out

@@ -78,9 +78,13 @@ def test_sp_scaling_report_rebuilds_the_committed_result(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine says")
-@pytest.mark.parametrize("name, args", [("nvfp4_linear", []), ("fp8_attention", ["--no-sweep"]),
-                                        ("nvfp4_kv_attention", [])])
+@pytest.mark.parametrize("name, args", [
+    ("nvfp4_linear", ["--name", "x"]),
+    ("fp8_attention", ["--shapes", "480x832", "--impls", "sdpa", "cudnn", "--no-sweep", "--name", "x"]),
+    ("nvfp4_kv_attention", ["--device", "cuda", "--reps", "5", "--name", "x"]),
+])
 def test_cuda_scripts_refuse_the_cpu_in_one_line(name, args, tmp_path):
+    """Their flags parse (argparse would print a usage and an error: two lines), then one line says what to run."""
     p = run_script(str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out-dir", str(tmp_path), cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 and ("CUDA" in p.stderr or "GPU" in p.stderr)
