@@ -21,6 +21,7 @@ torch.profiler split of one more step into attention / linear / other (/ idle) t
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -183,18 +184,21 @@ def markdown(result: dict) -> str:
              "| step | s/step | tokens/s | useful FLOP | TFLOP/s | MFU | attention ms | linear ms | other ms | idle ms | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['part']} | {r['error']} |" + " |" * 10)
+            continue
         t = r.get("time_ms", {})
         peak = r.get("peak_alloc_gib", r.get("peak_rss_gib"))
         lines.append(f"| {r['part']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['useful_tflop'] * 1e12:.3g} | "
                      f"{r['tflops']:.3g} | {100 * r['mfu']:.1f}% | {fmt(t.get('attention'), '.0f')} | "
                      f"{fmt(t.get('linear'), '.0f')} | {fmt(t.get('other'), '.0f')} | {fmt(t.get('idle'), '.0f')} | "
                      f"{fmt(peak, '.1f')} |")
-    tf = next((r for r in result["rows"] if r["part"] == "teacher forcing"), None)
+    tf = next((r for r in result["rows"] if r["part"] == "teacher forcing" and "error" not in r), None)
     if tf:
         lines += ["", f"Teacher-forcing attention: {tf['attention']}, mask density {tf['mask_density']:.3f}, "
                       f"{tf['full_tiles']} whole and {tf['partial_tiles']} partial 128x128 tiles."]
     lines += ["", f"FLOPs: {result['flop_formula']}", "", "Peak memory: CUDA peak allocated on a GPU, the process's "
-              "peak RSS on the CPU. Time split: " + (result["rows"][0].get("time_ms", {}).get("basis", "-")), ""]
+              "peak RSS on the CPU. Time split: " + next((r["time_ms"]["basis"] for r in result["rows"] if "time_ms" in r), "-"), ""]
     return "\n".join(lines)
 
 
@@ -215,11 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(parts) - {"tf", "dmd"}
     if unknown:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; use tf, dmd")
-    rows = []
-    if "tf" in parts:
-        rows.append(bench_tf(preset, device, args, checkpointing, rate))
-    if "dmd" in parts:
-        rows += bench_dmd(preset, device, args, checkpointing, rate)
     C, F, h, w = preset.latent_shape
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "date": utc_now(), "commit": git_commit(ROOT)}
@@ -227,9 +226,22 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"batch": args.batch, "attention": args.attention, "checkpointing": checkpointing,
                            "weights": args.weights, "optimizer": args.optimizer, "timed_steps": args.steps},
               "matmul_tflops": rate, "matmul_dtype": str(mm_dtype).replace("torch.", ""), "flop_formula": FLOP_FORMULA,
-              "rows": rows, "environment": env, "command": command("benchmarks/bench_train.py", sys.argv[1:] if argv is None else argv)}
+              "rows": [], "environment": env,
+              "command": command("benchmarks/bench_train.py", sys.argv[1:] if argv is None else argv)}
     stem = args.name or f"bench_train_{preset.name}_{slug(env['device'])}"
-    md = write_results(args.out_dir / f"{stem}.json", result, markdown(result))
+    for part in parts:  # the results are rewritten after each part, so an out-of-memory part keeps the others
+        try:
+            if part == "tf":
+                result["rows"].append(bench_tf(preset, device, args, checkpointing, rate))
+            else:
+                result["rows"] += bench_dmd(preset, device, args, checkpointing, rate)
+        except torch.OutOfMemoryError as e:
+            print(f"{part}: out of memory: {e}", flush=True)
+            result["rows"].append({"part": part, "error": f"out of memory: {str(e).splitlines()[0]}"})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        md = write_results(args.out_dir / f"{stem}.json", result, markdown(result))
     print(f"wrote {md}")
     return result
 
