@@ -123,16 +123,20 @@ class FrameMask:
         if key not in self._cache:
             table, T = self.frames.to(device), self.frame_tokens
             rows = None if self.rows is None else self.rows.to(device)
-
-            def query_frame(q_idx):
-                return (q_idx if rows is None else rows[q_idx]) // T
-
-            if self.batched:
+            # one plain function per case, closing over tensors and an int only: the compiled kernel takes the
+            # tensors as inputs, so another layout of the same shapes should not need a recompile
+            if rows is None and not self.batched:
                 def mask_mod(b, h, q_idx, kv_idx):
-                    return table[b, query_frame(q_idx), kv_idx // T]
+                    return table[q_idx // T, kv_idx // T]
+            elif rows is None:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[b, q_idx // T, kv_idx // T]
+            elif not self.batched:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[rows[q_idx] // T, kv_idx // T]
             else:
                 def mask_mod(b, h, q_idx, kv_idx):
-                    return table[query_frame(q_idx), kv_idx // T]
+                    return table[b, rows[q_idx] // T, kv_idx // T]
 
             self._cache[key] = mask_mod
         return self._cache[key]
