@@ -91,6 +91,17 @@ class FrameMask:
         if self.rows is not None and self.rows.numel() and int(self.rows.max()) >= self.frames.shape[-2] * frame_tokens:
             raise ValueError(f"rows index tokens beyond the {self.frames.shape[-2] * frame_tokens} queries")
         self._cache: dict[tuple, object] = {}
+        self._parts: list[FrameMask] | None = None  # per-sample masks this one stacks (:meth:`stack`)
+
+    @classmethod
+    def stack(cls, masks: list["FrameMask"]) -> "FrameMask":
+        """One table per sample from per-sample masks of one size; the dense mask stacks theirs (kept by them)."""
+        if len({(m.frames.shape, m.frame_tokens, m.backend) for m in masks}) != 1 or any(
+                m.batched or m.rows is not None for m in masks):
+            raise ValueError("FrameMask.stack needs unbatched masks of one size, tokens per frame and backend")
+        out = cls(torch.stack([m.frames for m in masks]), masks[0].frame_tokens, backend=masks[0].backend)
+        out._parts = masks
+        return out
 
     @property
     def batched(self) -> bool:
@@ -149,7 +160,9 @@ class FrameMask:
             fn = self.mask_mod(device)
             q = torch.arange(self.q_len, device=device)
             k = torch.arange(self.kv_len, device=device)
-            if self.batched:
+            if self._parts is not None:  # each sample's own mask, built once per layout, not per batch
+                self._cache[key] = torch.stack([m.dense(device) for m in self._parts])[:, None]
+            elif self.batched:
                 b = torch.arange(self.frames.shape[0], device=device)
                 self._cache[key] = fn(b[:, None, None], 0, q[None, :, None], k[None, None, :])[:, None]
             else:

@@ -129,31 +129,33 @@ class ClipMasks:
         self.cfg, self.variant, self.F, self.tokens, self.backend = cfg, variant, num_frames, frame_tokens, backend
         self.per_clip = cfg.window_frames is not None and cfg.sink_frames > 0
         self.max_batched = max_batched
-        self._frames: dict[tuple[int, ...], Tensor] = {}
-        self._masks: OrderedDict[tuple, FrameMask] = OrderedDict()  # a few layouts recur: LRU of max_batched
+        self._layouts: dict[tuple[int, ...], FrameMask] = {}  # one clip's layout -> its mask
+        self._batches: OrderedDict[tuple, FrameMask] = OrderedDict()  # per-clip layouts of a batch: LRU of max_batched
 
-    def frames(self, shot_starts: tuple[int, ...]) -> Tensor:
-        if shot_starts not in self._frames:
+    def layout(self, shot_starts: tuple[int, ...]) -> FrameMask:
+        if shot_starts not in self._layouts:
             c = self.cfg
-            self._frames[shot_starts] = attention_frames(
+            frames = attention_frames(
                 self.F, c.block_frames, self.variant.independent_first_frame,
                 shots=shot_index(list(shot_starts), self.F), sink_frames=c.sink_frames,
                 window_frames=c.window_frames, multishot_sink=c.multishot_sink,
             )
-        return self._frames[shot_starts]
+            self._layouts[shot_starts] = FrameMask(frames, self.tokens, backend=self.backend)
+        return self._layouts[shot_starts]
 
     def __call__(self, clips: list[Clip]) -> FrameMask:
-        layouts = tuple(tuple(c.shot_starts) for c in clips) if self.per_clip else ((0,),)
-        tables = [self.frames(s) for s in layouts]
-        if all(t is tables[0] for t in tables):  # one table for the batch (it broadcasts)
-            layouts, tables = layouts[:1], tables[:1]
-        if layouts not in self._masks:
-            table = tables[0] if len(tables) == 1 else torch.stack(tables)  # (B, 2F, 2F): per sample
-            self._masks[layouts] = FrameMask(table, self.tokens, backend=self.backend)
-            while len(self._masks) > self.max_batched:
-                self._masks.popitem(last=False)
-        self._masks.move_to_end(layouts)
-        return self._masks[layouts]
+        if not self.per_clip:
+            return self.layout((0,))
+        masks = [self.layout(tuple(c.shot_starts)) for c in clips]
+        if all(m is masks[0] for m in masks):
+            return masks[0]  # one table for the batch (it broadcasts)
+        key = tuple(tuple(c.shot_starts) for c in clips)
+        if key not in self._batches:
+            self._batches[key] = FrameMask.stack(masks)  # (B, 2F, 2F): per sample
+            while len(self._batches) > self.max_batched:
+                self._batches.popitem(last=False)
+        self._batches.move_to_end(key)
+        return self._batches[key]
 
 
 def max_block_position(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> int:
