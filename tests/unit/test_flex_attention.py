@@ -45,6 +45,8 @@ def layouts() -> dict[str, FrameMask]:
             attention_frames(F9, 2, shots=shot_index(s, F9), sink_frames=1, window_frames=3)
             for s in ([0], [0, 3], [0, 6])]), 24),
     }
+    out["tf_per_sample_stacked"] = FrameMask.stack([  # what ClipMasks hands a batch: each clip's mask, stacked
+        FrameMask(t, 24) for t in out["tf_per_sample"].frames])
     tf = out["tf_sink_window"]
     out["sp_rows_strided"] = tf.select_rows(torch.arange(1, tf.q_len, 2))  # a spatial split: part of every frame
     out["sp_rows_frames"] = tf.select_rows(torch.arange(4 * 24, 13 * 24))  # a temporal split: whole frames
