@@ -11,8 +11,8 @@ block each rank of the SP group holds only its tokens (a :class:`~longlive.paral
     block-causal / teacher-forcing mask -- and a second all-to-all turns the output back. Needs
     ``num_heads % sp == 0``.
   - ``allgather``: K and V are all-gathered (all heads); each rank attends its own queries (the
-    mask's rows -- a :class:`FrameMask` restricted to them -- and RoPE of its tokens) to every key. Any head count; the cache holds all K/V on
-    every rank; per-rank work depends on the partition (see :mod:`longlive.parallel.partition`).
+    mask's rows -- a :class:`FrameMask` restricted to them -- and RoPE of its tokens) to every key.
+    Any head count; the cache holds all K/V on every rank; per-rank work depends on the partition (see :mod:`longlive.parallel.partition`).
 * cross-attention and the MLPs are per token: they run on local tokens with no communication;
 * after the last block the tokens are all-gathered, so the head and the caller see the full output
   on every rank -- samplers, KV-cache bookkeeping and losses stay exactly as in one process.

@@ -6,8 +6,8 @@ block may be shorter). One training sequence is the clip twice, ``[clean x0 | no
 
 * RoPE frame positions ``[0..F-1, 0..F-1]``: a noisy frame sits where its clean copy sits;
 * timesteps ``[0 ... 0 | t_block ...]``: each noisy block has its own noise level;
-* attention ``teacher_forcing_frames`` (a :class:`FrameMask`): clean block i sees clean blocks <= i (what the KV cache holds
-  at inference), noisy block i sees clean blocks < i and itself;
+* attention ``teacher_forcing_frames`` (a :class:`FrameMask`): clean block i sees clean blocks <= i
+  (what the KV cache holds at inference), noisy block i sees clean blocks < i and itself;
 * loss: flow matching (target ``noise - x0``) on the noisy half only.
 
 With ``window_frames`` set, "earlier blocks" narrows to what the streaming cache holds for the block:
