@@ -61,6 +61,28 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+class SharedBuild:
+    """One fast project a session builds once and its tests copy: the pipeline tests assert on the same DAG's
+    outputs, and each building its own cost minutes of identical training (issue 18). ``copy(dest, *targets)``
+    runs ``dvc repro TARGETS`` (every stage when none) in the shared project unless an earlier call built it,
+    then copies the project to ``dest``: a test that reruns stages or edits params changes its copy alone,
+    and the shared one stays as `dvc repro` left it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._built: set[tuple[str, ...]] = set()
+
+    def copy(self, dest: Path, *targets: str) -> Path:
+        if not self.path.exists():
+            make_project(self.path)
+        if () not in self._built and targets not in self._built:  # `dvc repro` alone builds every target
+            run(["dvc", "repro", *targets], self.path)
+            self._built.add(targets)
+        # copy2 keeps mtimes; DVC re-hashes the copy (its state is keyed by path) and finds the recorded bytes
+        shutil.copytree(self.path, dest, symlinks=True)
+        return dest
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run with this interpreter's bin/ first on PATH, so `dvc`, `prefect` and the `python` of dvc.yaml's
     commands are the test environment's even when it is not activated."""
