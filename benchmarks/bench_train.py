@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from longlive.bench.harness import command, fmt, git_commit, now, slug, sync, utc_now, write_results  # noqa: E402
 from longlive.bench.train_step import (  # noqa: E402
-    FLOP_FORMULA, FlopCounter, checkpoint_blocks, matmul_tflops, peak_memory_gib, reset_peak_memory, time_split,
+    FLOP_FORMULA, FlopCounter, matmul_tflops, peak_memory_gib, reset_peak_memory, time_split,
 )
 from longlive.bench.variants import random_dit  # noqa: E402
 from longlive.config import load_preset  # noqa: E402
@@ -42,7 +42,8 @@ from longlive.train.ar import (  # noqa: E402
     Clip, ClipMasks, build_batch, clip_block_sizes, collate, masked_flow_loss, max_block_position, tf_forward,
 )
 from longlive.train.dmd import DMDModels, dmd_step_losses  # noqa: E402
-from longlive.train.loop import autocast, autocast_dtype  # noqa: E402
+from longlive.inference.build import build_dit  # noqa: E402
+from longlive.train.loop import autocast, autocast_dtype, build_optimizer  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +57,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="activation checkpointing of every block (the teacher-forcing model, DMD's critic); "
                         "auto: on except for the tiny preset")
     p.add_argument("--weights", choices=("fp32", "bf16"), default="fp32", help="trained weights' dtype")
-    p.add_argument("--optimizer", choices=("adamw", "none"), default="adamw")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "none"), default="adamw",
+                   help="the trainers' optimizer (train.loop.build_optimizer; adamw8bit: torchao's 8-bit moments); "
+                        "none: forward + backward only")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (ar.compile / dmd.compile)")
     p.add_argument("--parts", default="tf,dmd", help="comma-separated: tf, dmd")
     p.add_argument("--steps", type=int, default=3, help="timed steps per part, after one warm-up step")
     p.add_argument("--no-profile", action="store_true")
@@ -79,9 +83,14 @@ def sized_preset(args):
     return preset.model_copy(update={"video": video})
 
 
-def trainable(preset, device, args, checkpointing: bool):
-    model = random_dit(preset, device, torch.float32 if args.weights == "fp32" else torch.bfloat16, args.seed).train()
-    return checkpoint_blocks(model) if checkpointing else model
+def trainable(preset, device, args, checkpointing: bool, compile_blocks: bool = False):
+    """The random DiT with the trainers' wrappers, through the same build_dit they use."""
+    model = random_dit(preset, device, torch.float32 if args.weights == "fp32" else torch.bfloat16, args.seed)
+    return build_dit(model, preset, training=True, checkpointing=checkpointing, compile_blocks=compile_blocks).train()
+
+
+def make_optimizer(params, args, lr: float, device):
+    return None if args.optimizer == "none" else build_optimizer([{"params": list(params)}], args.optimizer, lr, device)[0]
 
 
 def optimizer_step(params: list, opt, grad_clip: float) -> None:
@@ -118,8 +127,8 @@ def measure(name: str, step, counter: FlopCounter, device, args, tokens: int, ra
 def bench_tf(preset, device, args, checkpointing: bool, rate: float) -> dict:
     cfg, variant = preset.ar, preset.ar.variants["t2v"]
     C, F, h, w = preset.latent_shape
-    model = trainable(preset, device, args, checkpointing)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if args.optimizer == "adamw" else None
+    model = trainable(preset, device, args, checkpointing, args.compile)
+    opt = make_optimizer(model.parameters(), args, 1e-5, device)
     g = torch.Generator().manual_seed(args.seed + 1)
     clips = [Clip(f"c{i}", torch.randn(C, F, h, w, generator=g), torch.randn(1, preset.text.max_tokens, preset.text.dim,
                   generator=g), [0]) for i in range(args.batch)]
@@ -148,11 +157,11 @@ def bench_dmd(preset, device, args, checkpointing: bool, rate: float) -> list[di
     cfg, ar = preset.dmd, preset.ar
     C, F, h, w = preset.latent_shape
     generator = trainable(preset, device, args, False)  # never checkpointed: its step reads a cache that changes
-    critic = trainable(preset, device, args, checkpointing)
+    critic = trainable(preset, device, args, checkpointing, args.compile)
     frozen = torch.bfloat16 if device.type == "cuda" and cfg.frozen_dtype != "fp32" else torch.float32
     teacher = random_dit(preset, device, frozen, args.seed + 7).requires_grad_(False)
     models = DMDModels(generator, critic)
-    opt = torch.optim.AdamW(models.parameters(), lr=1e-6) if args.optimizer == "adamw" else None
+    opt = make_optimizer(models.parameters(), args, 1e-6, device)
     steps = next(iter(cfg.students.values()))
     layout = dmd.RolloutLayout(clip_block_sizes(F, ar.block_frames), flow.step_list_sigmas(steps, cfg.timestep_shift),
                                ar.sink_frames, ar.window_frames, max_block_position(F, ar.block_frames))
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
            "date": utc_now(), "commit": git_commit(ROOT)}
     result = {"preset": preset.name, "resolution": f"{preset.video.height}x{preset.video.width}", "latent_frames": F,
               "settings": {"batch": args.batch, "attention": args.attention, "checkpointing": checkpointing,
-                           "weights": args.weights, "optimizer": args.optimizer, "timed_steps": args.steps},
+                           "weights": args.weights, "optimizer": args.optimizer, "compile": args.compile,
+                           "timed_steps": args.steps},
               "matmul_tflops": rate, "matmul_dtype": str(mm_dtype).replace("torch.", ""), "flop_formula": FLOP_FORMULA,
               "rows": [], "environment": env,
               "command": command("benchmarks/bench_train.py", sys.argv[1:] if argv is None else argv)}

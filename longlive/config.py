@@ -367,6 +367,12 @@ class ARConfig(_Strict):
     grad_clip: StrictFloat = Field(default=1.0, gt=0)
     grad_accum: StrictInt = Field(default=1, ge=1, description="micro-batches of train.batch_size per optimizer step")
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
+    activation_checkpointing: StrictBool = Field(default=False, description="recompute each block's activations in "
+                                                 "backward (the 5B teacher-forcing step does not fit a GPU without)")
+    compile: StrictBool = Field(default=False, description="torch.compile each DiT block (fuses the elementwise work "
+                                "around matmuls and attention; CUDA)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(default="adamw", description="adamw8bit: torchao's 8-bit "
+                                                     "moments, 2 instead of 8 bytes of state per parameter")
     ckpt_every: StrictInt = Field(default=50, gt=0)
     shards_in_memory: StrictInt | None = Field(
         default=None, ge=1, description="None: load every shard once; k: stream, holding k shards (a batch per shard)"
@@ -421,6 +427,9 @@ class DMDConfig(_Strict):
     frozen_dtype: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
     activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in backward")
+    compile: StrictBool = Field(default=False, description="torch.compile each block of the critic (its forward is a "
+                                "plain pass; the generator's rollout runs through a KV cache and stays eager)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(default="adamw", description="as ar.optimizer")
     ckpt_every: StrictInt = Field(default=50, gt=0)
 
     _check_prompts = field_validator("prompts")(_no_credentials)

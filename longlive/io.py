@@ -114,13 +114,14 @@ class UnsafeStateError(RuntimeError):
     """A saved state holds Python objects beyond tensors and plain values, so it is not loaded."""
 
 
-def load_state(path: str | os.PathLike, *, remove: str | os.PathLike | None = None):
+def load_state(path: str | os.PathLike, *, remove: str | os.PathLike | None = None, allowed: tuple = ()):
     """``torch.load`` of resume state with ``weights_only=True``, onto the CPU.
 
     Resume state sits in a work directory that anything on the machine (or a shared filesystem) may
     write; a full unpickle of a planted file runs arbitrary code at the next ``train_*``. Only tensors,
     containers and plain values load here; anything else raises a one-line :class:`UnsafeStateError`
-    naming the file (and ``remove``, what to delete to start over; default the file itself).
+    naming the file (and ``remove``, what to delete to start over; default the file itself). ``allowed``: classes
+    the caller vouches for besides those (an optimizer's quantized-state tensor subclass).
     """
     import pickle
     import re
@@ -128,7 +129,8 @@ def load_state(path: str | os.PathLike, *, remove: str | os.PathLike | None = No
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global|Unsupported operand|Trying to [^:.\n]+)[^\n]*", str(e))
         detail = found.group(0).strip().rstrip(".") if found else "not plain tensors and containers"

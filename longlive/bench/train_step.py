@@ -141,15 +141,5 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    """Activation checkpointing of every DiT block (recomputed in backward), as ``train_dmd`` applies to its critic."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    from longlive.models.dit import Block
-
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    return model
-
-
 __all__ = ["FLOP_FORMULA", "FlopCounter", "matmul_tflops", "time_split", "classify", "peak_memory_gib",
-           "reset_peak_memory", "checkpoint_blocks"]
+           "reset_peak_memory"]

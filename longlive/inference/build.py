@@ -15,7 +15,9 @@ which applies these steps in this order, and is the only place that applies them
 5. **inference path** -- with ``inference`` given and its ``kernels``, ``compile`` or ``fp8`` on,
    :func:`longlive.inference.optimize.optimize`: FP8 linears, then fused kernels, the per-prompt context memo and
    torch.compile. After every module swap above, since the memo wraps modules a conversion replaces;
-6. **parallelize** -- sequence parallel over ``parallel``'s SP group, and FSDP2 over all ranks when
+6. **training wrappers** -- ``checkpointing``: activation checkpointing of every block; ``compile_blocks``:
+   ``torch.compile`` of each block (:mod:`longlive.parallel.training`), in torchtitan's order, before FSDP;
+7. **parallelize** -- sequence parallel over ``parallel``'s SP group, and FSDP2 over all ranks when
    ``training``. It touches activations only and wraps whatever the steps above left (a fused attention core
    ends up inside the sequence-parallel wrapper).
 
@@ -80,6 +82,8 @@ def build_dit(
     lora: LoRAConfig | None = None,
     frozen: bool = False,
     training: bool = False,
+    checkpointing: bool = False,
+    compile_blocks: bool = False,
     parallel: ParallelState | None = None,
 ) -> WanDiT:
     """The DiT of ``source`` with the steps of the module docstring applied. ``device`` None: where it was loaded
@@ -135,6 +139,16 @@ def build_dit(
     if inference is not None and (inference.kernels or inference.compile or inference.fp8):
         record.inference_path = apply_inference_path(dit, inference)
         record.steps.append("inference path")
+    if checkpointing:
+        from longlive.parallel.training import checkpoint_blocks
+
+        checkpoint_blocks(dit)
+        record.steps.append("activation checkpointing")
+    if compile_blocks:
+        from longlive.parallel.training import compile_blocks as compile_each
+
+        compile_each(dit)
+        record.steps.append("compile blocks")
     if parallel is not None:
         from longlive.parallel import parallelize
 

@@ -33,15 +33,22 @@ BACKENDS = ("auto", "flex", "dense")
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: "Tensor | FrameMask | None" = None) -> Tensor:
     """Scaled dot-product attention on (B, S, heads, head_dim) tensors.
 
-    ``mask``: a :class:`FrameMask`, or a boolean tensor, True where a query may attend, that broadcasts to
-    (B, heads, S_q, S_k). The one place attention is computed, so sequence parallel or kernels can wrap it.
+    ``mask``: a :class:`FrameMask`, its FlexAttention ``BlockMask`` (:meth:`FrameMask.block_mask`), or a boolean
+    tensor, True where a query may attend, that broadcasts to (B, heads, S_q, S_k). The one place attention is
+    computed, so sequence parallel or kernels can wrap it.
     """
+    if _is_block_mask(mask):
+        return flex(q, k, v, mask)
     if isinstance(mask, FrameMask):
         if mask.use_flex(q.device):
             return flex(q, k, v, mask.block_mask(q.device))
         mask = mask.dense(q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def _is_block_mask(mask) -> bool:
+    return type(mask).__name__ == "BlockMask" and type(mask).__module__.startswith("torch.nn.attention")
 
 
 @functools.cache
@@ -57,7 +64,8 @@ def flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     reference elsewhere. q, k, v run in v's dtype (autocast does not reach flex_attention)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    # inside a compiled region (compiled DiT blocks) the enclosing graph compiles flex_attention itself
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         out = fn(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2), block_mask=block_mask)

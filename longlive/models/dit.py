@@ -256,11 +256,14 @@ class WanDiT(nn.Module):
         if attn_mask is None and block_frames is not None:
             attn_mask = block_causal(f, h * w, block_frames, cached_frames=cached)
 
+        if (isinstance(attn_mask, FrameMask) and attn_mask.use_flex(x.device)
+                and getattr(self, "sequence_parallel", None) is None):
+            # the BlockMask itself, so compiled blocks take a tensor-like input instead of tracing FrameMask's cache
+            attn_mask = attn_mask.block_mask(x.device)
         for i, block in enumerate(self.blocks):
-            x = block(
-                x, context, e, rope, key_rope=key_rope, mask=attn_mask, context_mask=context_mask,
-                kv_cache=kv_cache, layer=i,
-            )
+            # ``layer`` only with a cache: compiled blocks would specialise (and recompile) on each block's index
+            cache_args = {"kv_cache": kv_cache, "layer": i} if kv_cache is not None else {}
+            x = block(x, context, e, rope, key_rope=key_rope, mask=attn_mask, context_mask=context_mask, **cache_args)
         if kv_cache is not None:
             kv_cache.advance(frame_positions)
 

@@ -430,7 +430,8 @@ def train_ar(
 
     # QAT (NVFP4 fake quantization) keeps the parameters, so the export stays plain weights; SP and FSDP last
     model = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True,
-                      quant="qat" if preset.quant.qat else "none", parallel=parallel)
+                      quant="qat" if preset.quant.qat else "none", checkpointing=cfg.activation_checkpointing,
+                      compile_blocks=cfg.compile, parallel=parallel)
     C, F, h, w = data.first().latents.shape
     if (C, F, h, w) != preset.latent_shape:
         raise ValueError(f"shard latents are {(C, F, h, w)}, the preset expects {preset.latent_shape}; re-encode")
@@ -444,7 +445,9 @@ def train_ar(
         loss = masked_flow_loss(tf_forward(model, batch, masks(clips)), batch)
         return loss, {}
 
-    settings = {k: v for k, v in cfg.model_dump().items() if k not in ("variants", "train", "ckpt_every", "shards_in_memory")}
+    # how a step runs (not what it computes) stays out, so switching it resumes; the optimizer is the loop's own
+    settings = {k: v for k, v in cfg.model_dump().items() if k not in (
+        "variants", "train", "ckpt_every", "shards_in_memory", "activation_checkpointing", "compile", "optimizer")}
     fingerprint = json.dumps({"data": data.fingerprint, "base": file_stamp(base_dir / DIT_DIR), "variant": variant.model_dump(),
                               "ar": settings, **qat_fingerprint(preset)}, sort_keys=True)
     t0 = time.time()
@@ -455,7 +458,7 @@ def train_ar(
         run_config=stage_config(preset, "train_ar", ("dit",) + (("quant",) if preset.quant.qat else ()),
                                 ar={**cfg.model_dump(mode="json"), "variants": {variant_name: variant}},  # this one only
                                 variant=variant_name, inference=inference_config(preset, variant_name)),
-        parallel=parallel,
+        parallel=parallel, optimizer=cfg.optimizer,
     )
     wall = time.time() - t0
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from longlive.config import DMDConfig, Preset
 from longlive.data.prompts import PromptCorpus, PromptError, embed_prompts, read_corpus
@@ -44,7 +43,7 @@ from longlive.io import file_stamp
 from longlive.diffusion import dmd, flow
 from longlive.inference.build import build_dit
 from longlive.models.checkpoint import AR_CONFIG_NAME, CRITIC_DIR, DIT_DIR, Checkpoint, write_trained
-from longlive.models.dit import Block, WanDiT
+from longlive.models.dit import WanDiT
 from longlive.models.lora import has_lora, save_adapter
 from longlive.quant.convert import remove_qat
 from longlive.models.text import load_text_encoder
@@ -230,9 +229,14 @@ def train_dmd(
 
     teacher = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=frozen_dtype(cfg.frozen_dtype, device),
                         frozen=True)
+    # The critic only: its forward is a plain bidirectional pass. The generator's differentiated step reads the
+    # rollout's KV cache, which later blocks change before backward, so a recomputed forward would see another
+    # cache; the rollout already keeps just one forward per block for backward.
+    critic_wrappers = {"checkpointing": cfg.activation_checkpointing, "compile_blocks": cfg.compile}
     if qat_from is None:
         generator = build_dit(ar_export, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora)
-        critic = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True)
+        critic = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True,
+                           **critic_wrappers)
     else:
         qat_from = Path(qat_from)
         init = Checkpoint.open(qat_from)
@@ -241,14 +245,9 @@ def train_dmd(
                                     f"(run `dvc repro train_dmd@{variant}-{student}` first)")
         # QAT trains the merged weights (the adapter beside dit/ merged at load) the quantizer will see
         generator = build_dit(init, preset, device=device, dtype=torch.float32, training=True, quant="qat")
-        critic = build_dit(init.critic(), preset, device=device, dtype=torch.float32, training=True)
+        critic = build_dit(init.critic(), preset, device=device, dtype=torch.float32, training=True, **critic_wrappers)
         cfg = cfg.model_copy(update={"lora": None, "train": cfg.train.model_copy(update={"steps": cfg.qat_steps}),
                                      "ema": cfg.ema.model_copy(update={"start_step": 0})})
-    if cfg.activation_checkpointing:
-        # The critic only: its forward is a plain bidirectional pass. The generator's differentiated step
-        # reads the rollout's KV cache, which later blocks change before backward, so a recomputed forward
-        # would see another cache; the rollout already keeps just one forward per block for backward.
-        apply_activation_checkpointing(critic, check_fn=lambda mod: isinstance(mod, Block))
     models = DMDModels(generator, critic)
     ema = EMA(generator, cfg.ema.decay, cfg.ema.start_step)
     groups = [{"name": "generator", "params": list(generator.parameters()), "lr": cfg.train.lr},
@@ -275,7 +274,7 @@ def train_dmd(
                               "qat_from": str(qat_from) if qat_from else None,
                               "init": file_stamp((qat_from or ar_dir) / DIT_DIR),
                               "base": file_stamp(base_dir / DIT_DIR), "student": steps,
-                              "dmd": cfg.model_dump(exclude={"train", "ckpt_every"})}, sort_keys=True, default=str)
+                              "dmd": cfg.model_dump(exclude={"train", "ckpt_every", "activation_checkpointing", "compile", "optimizer"})}, sort_keys=True, default=str)
     t0 = time.time()
     history = run_training(
         f"train_dmd-{variant}-{student}", models, loss_fn, cfg.train, work_dir, seed=preset.seed,
@@ -285,7 +284,7 @@ def train_dmd(
         run_config=stage_config(
             preset, "train_qat" if qat_from else "train_dmd", ("dit",) + (("quant",) if qat_from else ()), dmd=cfg,
             variant=variant, student=student, denoising_steps=steps, ar={"variant": variant_cfg, "ar_config": ar_config}),
-        run_name=f"train_dmd-{variant}-{student}" + ("-qat" if qat_from else ""),
+        run_name=f"train_dmd-{variant}-{student}" + ("-qat" if qat_from else ""), optimizer=cfg.optimizer,
     )
     wall = time.time() - t0
 

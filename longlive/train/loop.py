@@ -78,6 +78,34 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def build_optimizer(param_groups: list[dict], kind: str, lr: float, device: torch.device
+                    ) -> tuple[torch.optim.Optimizer, tuple]:
+    """The trainers' AdamW (betas 0.9/0.99, no weight decay) and the classes its saved state may hold.
+
+    * ``adamw`` -- ``torch.optim.AdamW``, its fused kernel on CUDA (one launch for every tensor); on the CPU the
+      default implementation, so CPU runs stay bit-identical to earlier ones. State: 8 bytes per parameter.
+    * ``adamw8bit`` -- torchao's ``AdamW8bit``: both moments block-wise quantized to 8 bits, 2 bytes per parameter
+      instead of 8. With float32 master weights and gradients that is 10 bytes per parameter instead of 16, what
+      lets the 5B DiT (5.0e9 parameters: 50 GB instead of 80) train on one 80 GB GPU. torchao is a dependency
+      already (NVFP4); its optimizer is what we would otherwise write by hand.
+    """
+    kw = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if kind == "adamw":
+        return torch.optim.AdamW(param_groups, **kw, fused=True if device.type == "cuda" else None), ()
+    if kind == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+            from torchao.optim.subclass_8bit import OptimState8bit
+        except ImportError as e:
+            raise TrainingError(f"optimizer adamw8bit needs torchao ({e}); install it (pip install 'torchao>=0.18') "
+                                "or set the stage's optimizer: adamw") from None
+        return AdamW8bit(param_groups, **kw), (OptimState8bit,)
+    raise TrainingError(f"unknown optimizer {kind!r}; use one of {OPTIMIZERS}")
+
+
 def clip_grad_norms(groups: list[dict], max_norm: float, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Clip each group's gradients to ``max_norm``; returns ``({name: norm}, total norm)``, every norm on ``device``.
 
@@ -126,6 +154,7 @@ def run_training(
     run_name: str | None = None,
     param_groups: list[dict] | None = None,
     parallel: "ParallelState | None" = None,
+    optimizer: str = "adamw",
 ) -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoint.pt`` if present.
 
@@ -151,6 +180,8 @@ def run_training(
     (sharded; it resumes at any world size, one process included); data-parallel replicas draw their own
     batches; only the main rank logs, tracks and shows progress. None: one process, ``checkpoint.pt``.
 
+    optimizer: ``adamw`` or ``adamw8bit`` (:func:`build_optimizer`).
+
     Returns the full loss history (one dict per logged step), also kept in the checkpoint.
     """
     run_dir = Path(run_dir)
@@ -172,8 +203,8 @@ def run_training(
         {**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
     if param_groups is not None and {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
         raise TrainingError(f"{name}: param_groups must cover exactly the model's trainable parameters")
-    opt = torch.optim.AdamW([{"params": g["params"], "lr": g.get("lr", cfg.lr)} for g in groups],
-                            lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt, state_classes = build_optimizer([{"params": g["params"], "lr": g.get("lr", cfg.lr)} for g in groups],
+                                         optimizer, cfg.lr, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
     fingerprint = {"name": name, "seed": seed, "data": data_fingerprint, **cfg.model_dump()}
     # Only settings that differ from the plain loop enter the fingerprint, so older checkpoints still resume.
@@ -185,6 +216,8 @@ def run_training(
         fingerprint["grad_clip"] = grad_clip
     if amp_dtype is not None:
         fingerprint["autocast"] = str(amp_dtype)
+    if optimizer != "adamw":
+        fingerprint["optimizer"] = optimizer
 
     start, history, run_id = 0, [], None
     if parallel is not None:
@@ -206,7 +239,7 @@ def run_training(
                     log.warning("%s: %s was written with other settings or data; starting over", name, ckpt_path)
                 parallel.barrier()
     elif ckpt_path.exists():
-        state = load_state(ckpt_path)  # weights_only: a planted checkpoint.pt must not run code
+        state = load_state(ckpt_path, allowed=state_classes)  # weights_only: a planted checkpoint.pt must not run code
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

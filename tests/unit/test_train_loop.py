@@ -111,3 +111,42 @@ def test_wandb_offline_under_run_dir_and_history_for_dvc(tmp_path, monkeypatch):
     write_history(hist, tmp_path / "loss.json")
     rows = json.loads((tmp_path / "loss.json").read_text())
     assert [r["step"] for r in rows] == list(range(CFG.steps)) and set(rows[0]) == {"step", "loss"}
+
+
+def test_adamw8bit_resumes_exactly_and_keeps_8bit_moments(tmp_path):
+    # torchao quantizes the moments of tensors of >= 4096 elements: the first layer's (64 x 128) is one
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    def task(kill_at=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 1))
+
+        def loss_fn(step, g):
+            if step == kill_at:
+                raise Killed
+            x = torch.randn(CFG.batch_size, 64, generator=g)
+            return (model(x) - x[:, :1]).pow(2).mean(), {}
+        return model, loss_fn
+
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, log_every=1)
+    ref, loss_fn = task()
+    ref_hist = run_training("t", ref, loss_fn, cfg, tmp_path / "ref", seed=3, ckpt_every=3, optimizer="adamw8bit")
+    model, loss_fn = task(kill_at=4)
+    with pytest.raises(Killed):
+        run_training("t", model, loss_fn, cfg, tmp_path / "run", seed=3, ckpt_every=3, optimizer="adamw8bit")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert isinstance(state["optimizer"]["state"][0]["exp_avg"], OptimState8bit)
+    assert state["fingerprint"]["optimizer"] == "adamw8bit"  # an adamw checkpoint is not resumed by it
+    model, loss_fn = task()
+    hist = run_training("t", model, loss_fn, cfg, tmp_path / "run", seed=3, ckpt_every=3, optimizer="adamw8bit")
+    assert not (tmp_path / "run" / "checkpoint.pt.stale").exists()  # resumed, through load_state's weights_only path
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in hist] == [h["loss"] for h in ref_hist]
+    assert not torch.equal(ref[0].weight, task()[0][0].weight)  # it trained
+
+
+def test_unknown_optimizer_is_named(tmp_path):
+    model, loss_fn = make_task()
+    with pytest.raises(TrainingError, match="unknown optimizer 'sgd'"):
+        run_training("t", model, loss_fn, CFG, tmp_path, seed=0, optimizer="sgd")
