@@ -373,6 +373,9 @@ class ARConfig(_Strict):
                                 "around matmuls and attention; CUDA)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(default="adamw", description="adamw8bit: torchao's 8-bit "
                                                      "moments, 2 instead of 8 bytes of state per parameter")
+    data_workers: StrictInt = Field(default=0, ge=0, description="DataLoader worker processes that build batches "
+                                    "(shard reads, noise) ahead of the step; 0: in the training thread. The batches "
+                                    "are the same either way (longlive.train.prefetch)")
     ckpt_every: StrictInt = Field(default=50, gt=0)
     shards_in_memory: StrictInt | None = Field(
         default=None, ge=1, description="None: load every shard once; k: stream, holding k shards (a batch per shard)"

@@ -72,6 +72,7 @@ from longlive.secrets import redact_url
 from longlive.parallel import ParallelState, plain_copy
 from longlive.train.ema import EMA
 from longlive.train.loop import autocast, run_training, write_history
+from longlive.train.prefetch import StepPrefetcher
 from longlive.tracking import stage_config
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,11 @@ class TFBatch:
     loss_mask: Tensor  # (B, F): 1 where a noisy frame counts in the loss
     sigma: Tensor  # (B, F) noise level of each noisy frame
 
-    def to(self, device: torch.device) -> "TFBatch":
-        return TFBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    def to(self, device: torch.device, non_blocking: bool = False) -> "TFBatch":
+        return TFBatch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
+
+    def pin_memory(self) -> "TFBatch":  # DataLoader(pin_memory=True) calls it
+        return TFBatch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
 
 def build_batch(
@@ -438,16 +442,31 @@ def train_ar(
     masks = ClipMasks(cfg, variant, F, model.tokens_per_frame(h, w))
     ema = EMA(model, cfg.ema.decay, cfg.ema.start_step)
 
+    def make_batches(step: int, g: torch.Generator) -> list[tuple[list[Clip], TFBatch]]:
+        out = []
+        for _ in range(cfg.grad_accum):  # the loop's micro-batches draw one after another from the step's generator
+            clips = data.sample(cfg.train.batch_size, g)
+            out.append((clips, build_batch(*collate(clips), null_context, cfg, variant, g)))
+        return out
+
+    prefetch = StepPrefetcher(make_batches, cfg.train.steps, seed=preset.seed,
+                              replica=parallel.dp_rank if parallel is not None else 0, workers=cfg.data_workers,
+                              pin_memory=device.type == "cuda")
+    micro = {"step": -1, "i": 0, "items": []}
+
     def loss_fn(step: int, g: torch.Generator):
-        clips = data.sample(cfg.train.batch_size, g)
-        x0, context, index = collate(clips)
-        batch = build_batch(x0, context, index, null_context, cfg, variant, g).to(device)
+        if micro["step"] != step:
+            micro.update(step=step, i=0, items=prefetch.get(step, g))
+        clips, batch = micro["items"][micro["i"]]
+        micro["i"] += 1
+        batch = batch.to(device, non_blocking=True)
         loss = masked_flow_loss(tf_forward(model, batch, masks(clips)), batch)
         return loss, {}
 
     # how a step runs (not what it computes) stays out, so switching it resumes; the optimizer is the loop's own
     settings = {k: v for k, v in cfg.model_dump().items() if k not in (
-        "variants", "train", "ckpt_every", "shards_in_memory", "activation_checkpointing", "compile", "optimizer")}
+        "variants", "train", "ckpt_every", "shards_in_memory", "activation_checkpointing", "compile", "optimizer",
+        "data_workers")}
     fingerprint = json.dumps({"data": data.fingerprint, "base": file_stamp(base_dir / DIT_DIR), "variant": variant.model_dump(),
                               "ar": settings, **qat_fingerprint(preset)}, sort_keys=True)
     t0 = time.time()
@@ -479,6 +498,7 @@ def train_ar(
         "eval_loss_raw": eval_raw,
         "eval_loss_ema": eval_ema,
         "wall_time_s": round(wall, 2),
+        "data_wait_s": round(prefetch.wait_s, 3),  # the training thread blocked on batches (ar.data_workers)
         "clips": len(data),
         "params": model.num_params(),
     }

@@ -188,6 +188,28 @@ def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, record, t
     assert result.metrics["eval_loss_ema"] > 0 and not (tmp_path / "work" / "checkpoint.pt").exists()
 
 
+def test_batches_from_data_workers_train_the_same_model(tiny_preset, shards, record, tmp_path, monkeypatch):
+    # ar.data_workers moves batch building (shard clips, noise) to DataLoader workers: same draws, same model
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch.manual_seed(0)
+    base = WanDiT(tiny_preset.dit, in_channels=tiny_preset.vae.z_dim, text_dim=tiny_preset.text.dim)
+    base.init_weights(0)
+    save_dit(base, tmp_path / "base" / "dit")
+    null = torch.zeros(tiny_preset.text.max_tokens, tiny_preset.text.dim)
+    models = []
+    for workers in (0, 2):
+        preset = tiny_preset.model_copy(update={"ar": tiny_preset.ar.model_copy(update={
+            "train": tiny_preset.ar.train.model_copy(update={"steps": 4, "batch_size": 2}),
+            "grad_accum": 2, "data_workers": workers})})
+        result = train_ar(preset, "t2v", shards_url=shards, base_dir=tmp_path / "base", out_dir=tmp_path / f"out{workers}",
+                          work_dir=tmp_path / f"work{workers}", plots_dir=tmp_path / f"plots{workers}", null_context=null,
+                          validation_report=record)
+        assert result.metrics["data_wait_s"] >= 0
+        models.append(result.model.state_dict())
+    for k, v in models[0].items():
+        assert torch.equal(v, models[1][k]), k
+
+
 @pytest.mark.slow
 def test_stage_runs_end_to_end_in_a_tmp_project(built_project, tmp_path):
     project = built_project.copy(tmp_path / "proj", "train_ar")  # the session's shared `dvc repro train_ar`
