@@ -44,6 +44,7 @@ from longlive.train.ar import (  # noqa: E402
 from longlive.train.dmd import DMDModels, dmd_step_losses  # noqa: E402
 from longlive.inference.build import build_dit  # noqa: E402
 from longlive.train.loop import autocast, autocast_dtype, build_optimizer  # noqa: E402
+from longlive.train.prefetch import StepPrefetcher  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "none"), default="adamw",
                    help="the trainers' optimizer (train.loop.build_optimizer; adamw8bit: torchao's 8-bit moments); "
                         "none: forward + backward only")
+    p.add_argument("--data-workers", type=int, default=2, help="teacher forcing: DataLoader workers that build each "
+                   "step's batch (clip draw, noise, [clean | noisy]) ahead of it, as ar.data_workers; 0: in the step")
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (ar.compile / dmd.compile)")
     p.add_argument("--parts", default="tf,dmd", help="comma-separated: tf, dmd")
     p.add_argument("--steps", type=int, default=3, help="timed steps per part, after one warm-up step")
@@ -99,11 +102,14 @@ def optimizer_step(params: list, opt, grad_clip: float) -> None:
         opt.step()
 
 
-def measure(name: str, step, counter: FlopCounter, device, args, tokens: int, rate: float) -> dict:
-    """Warm-up, timed steps (FLOPs counted in each), a profiled step and peak memory of ``step()``."""
+def measure(name: str, step, counter: FlopCounter, device, args, tokens: int, rate: float, data=None) -> dict:
+    """Warm-up, timed steps (FLOPs counted in each), a profiled step and peak memory of ``step()``; ``data``: the
+    step's StepPrefetcher, whose wait over the timed steps is reported."""
     step()
     sync(device)
     reset_peak_memory(device)
+    if data is not None:
+        data.wait_s, data.waits = 0.0, 0
     times, flops = [], []
     for _ in range(args.steps):
         with counter.counting():
@@ -117,6 +123,8 @@ def measure(name: str, step, counter: FlopCounter, device, args, tokens: int, ra
     row = {"part": name, "step_s": step_s, "steps_s": times, "tokens": tokens, "tokens_per_s": tokens / step_s,
            "useful_tflop": flop / 1e12, "tflops": flop / step_s / 1e12, "mfu": flop / step_s / 1e12 / rate,
            "passes": counter.passes, **mem}
+    if data is not None:
+        row.update(data_wait_ms=data.mean_wait_ms, data_workers=data.workers)
     if not args.no_profile:
         row["time_ms"] = time_split(step, device)
     print(f"{name}: {step_s:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, {flop:.3g} FLOP/step, "
@@ -133,10 +141,16 @@ def bench_tf(preset, device, args, checkpointing: bool, rate: float) -> dict:
     clips = [Clip(f"c{i}", torch.randn(C, F, h, w, generator=g), torch.randn(1, preset.text.max_tokens, preset.text.dim,
                   generator=g), [0]) for i in range(args.batch)]
     null = torch.zeros(preset.text.max_tokens, preset.text.dim)
-    batch = build_batch(*collate(clips), null, cfg, variant, g).to(device)
     mask = ClipMasks(cfg, variant, F, model.tokens_per_frame(h, w), backend=args.attention)(clips)
+    # each step's batch comes through the trainers' StepPrefetcher: the time the step waits for it is measured
+    data = StepPrefetcher(lambda s, gen: build_batch(*collate([clips[int(torch.randint(len(clips), (1,), generator=gen))]
+                                                                for _ in range(args.batch)]), null, cfg, variant, gen),
+                          1 << 30, seed=args.seed, workers=args.data_workers, pin_memory=device.type == "cuda")
+    counter_step = iter(range(1 << 30))
 
     def step():
+        s = next(counter_step)
+        batch = data.get(s, torch.Generator()).to(device, non_blocking=True)
         model.zero_grad(set_to_none=True)
         with autocast(cfg.precision, device):
             loss = masked_flow_loss(tf_forward(model, batch, mask), batch)
@@ -144,7 +158,7 @@ def bench_tf(preset, device, args, checkpointing: bool, rate: float) -> dict:
         optimizer_step(list(model.parameters()), opt, cfg.grad_clip)
 
     counter = FlopCounter(model)
-    row = measure("teacher forcing", step, counter, device, args, args.batch * mask.q_len, rate)
+    row = measure("teacher forcing", step, counter, device, args, args.batch * mask.q_len, rate, data)
     partial, full = mask.tiles()
     row.update(attention=("flex" if mask.use_flex(device) else "dense"), mask_density=mask.allowed_pairs() / (
         mask.q_len * mask.kv_len * (mask.frames.shape[0] if mask.batched else 1)),
@@ -190,18 +204,19 @@ def markdown(result: dict) -> str:
              "", f"{e['device']}, torch {e['torch']}, {e['date']}, commit {e['commit']}", "",
              f"`{result['command']}`", "", f"Settings: {result['settings']}", "",
              f"Matmul rate ({result['matmul_dtype']}, measured in this run): {result['matmul_tflops']:.3g} TFLOP/s", "",
-             "| step | s/step | tokens/s | useful FLOP | TFLOP/s | MFU | attention ms | linear ms | other ms | idle ms | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| step | s/step | tokens/s | useful FLOP | TFLOP/s | MFU | attention ms | linear ms | other ms | idle ms | "
+             "data wait ms | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['part']} | {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['part']} | {r['error']} |" + " |" * 11)
             continue
         t = r.get("time_ms", {})
         peak = r.get("peak_alloc_gib", r.get("peak_rss_gib"))
         lines.append(f"| {r['part']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['useful_tflop'] * 1e12:.3g} | "
                      f"{r['tflops']:.3g} | {100 * r['mfu']:.1f}% | {fmt(t.get('attention'), '.0f')} | "
                      f"{fmt(t.get('linear'), '.0f')} | {fmt(t.get('other'), '.0f')} | {fmt(t.get('idle'), '.0f')} | "
-                     f"{fmt(peak, '.1f')} |")
+                     f"{fmt(r.get('data_wait_ms'), '.1f')} | {fmt(peak, '.1f')} |")
     tf = next((r for r in result["rows"] if r["part"] == "teacher forcing" and "error" not in r), None)
     if tf:
         lines += ["", f"Teacher-forcing attention: {tf['attention']}, mask density {tf['mask_density']:.3f}, "
@@ -234,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"preset": preset.name, "resolution": f"{preset.video.height}x{preset.video.width}", "latent_frames": F,
               "settings": {"batch": args.batch, "attention": args.attention, "checkpointing": checkpointing,
                            "weights": args.weights, "optimizer": args.optimizer, "compile": args.compile,
+                           "data_workers": args.data_workers,
                            "timed_steps": args.steps},
               "matmul_tflops": rate, "matmul_dtype": str(mm_dtype).replace("torch.", ""), "flop_formula": FLOP_FORMULA,
               "rows": [], "environment": env,
