@@ -43,7 +43,6 @@ import shlex
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from longlive.bench.harness import md_table, save, slug, text_table, utc_now, version  # noqa: E402
 from longlive.config import TextConfig, load_preset  # noqa: E402
 from longlive.data.encode import EncodeTimings, encode_dataset, encode_dtype, text_encoder, video_encoder  # noqa: E402
 from longlive.device import resolve_device  # noqa: E402
-from longlive.io import write_text_atomic  # noqa: E402
 from longlive.models.text import TinyTextEncoder  # noqa: E402
 from longlive.models.vae import WanVAE  # noqa: E402
 
@@ -146,10 +145,6 @@ def filesystem(path: Path) -> str:
     return fstype
 
 
-def gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def with_size(preset, size: str | None):
     """The preset with clips of ``FRAMESxHEIGHTxWIDTH`` (the VAE's constraints checked; training's are not at stake)."""
     if not size:
@@ -196,9 +191,9 @@ def run(args, command: str) -> dict:
         shard_bytes = sum(p.stat().st_size for p in (tmp / "shards").glob("shard-*.tar"))
         write_s = clips.write_s
     res = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-        "device": gpu_name(device), "device_type": device.type, "torch": torch.__version__,
-        "diffusers": _version("diffusers"), "preset": preset.name,
+        "date": utc_now(), "command": command,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "device_type": device.type,
+        "torch": torch.__version__, "diffusers": version("diffusers"), "preset": preset.name,
         "clip": {"frames": v.num_frames, "height": v.height, "width": v.width,
                  "mb": v.num_frames * v.height * v.width * 3 / 1e6, "latent_shape": list(preset.latent_shape)},
         "vae": f"WanVAE (diffusers AutoencoderKLWan), the {preset.name} preset's config: z_dim {preset.vae.z_dim}, "
@@ -218,15 +213,6 @@ def run(args, command: str) -> dict:
         res["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     return res
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 COLUMNS = ("clips", "batch", "readers", "dtype", "clips/s", "s/clip", "VAE s/clip", "VAE share", "after 1st batch",
@@ -251,9 +237,10 @@ def markdown(res: dict) -> str:
         f"{res['date']}; torch {res['torch']}, diffusers {res['diffusers']}. Command: `{res['command']}`.", "",
         f"Clips: {c['frames']}x{c['height']}x{c['width']} uint8 ({c['mb']:.3g} MB each) -> latents "
         f"{'x'.join(map(str, c['latent_shape']))}; read from {res['reads']}. VAE: {res['vae']}, {res['dtype']}.", "",
-        "| " + " | ".join(r) + " |", "|" + "---|" * len(r), "| " + " | ".join(r.values()) + " |", "",
+        *md_table(list(r), [r.values()]), "",
         f"Timing: {res['timing']}; 'after 1st batch' leaves out the wait for the first batch (reader processes "
-        "starting, nothing read ahead yet), which a long run amortises. Warm-up (1 clip, cuDNN's algorithm search included) {res['warmup_s']:.1f} s; "
+        "starting, nothing read ahead yet), which a long run amortises. "
+        f"Warm-up (1 clip, cuDNN's algorithm search included) {res['warmup_s']:.1f} s; "
         f"writing the clips {res['clip_write_s']:.1f} s; shards {res['shard_mb_per_clip']:.3g} MB per clip.", ""])
 
 
@@ -278,16 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--clips must be >= 1 and --budget-s > 0")
     argv = sys.argv[1:] if argv is None else argv
     res = run(args, command=shlex.join(["python", "benchmarks/encode_bench.py", *argv]))
-    name = args.name or "encode_" + "".join(ch if ch.isalnum() else "_" for ch in res["device"].lower()).strip("_")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{name}.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(out / f"{name}.md", markdown(res))
-    r = row(res)
-    widths = [max(len(k), len(v)) for k, v in r.items()]
-    print("  ".join(k.rjust(w) for k, w in zip(r, widths)))
-    print("  ".join(v.rjust(w) for v, w in zip(r.values(), widths)))
-    print(f"wrote {out / name}.json and .md")
+    print(text_table(row(res)))
+    save(args.out_dir, args.name or "encode_" + slug(res["device"]).strip("_"), res, markdown(res))
     return 0
 
 

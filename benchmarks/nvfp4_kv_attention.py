@@ -17,7 +17,8 @@ both against a float32 evaluation of the same quantized attention.
     python benchmarks/nvfp4_kv_attention.py                         # CUDA; writes results/nvfp4_kv_attention_<gpu>.{json,md}
     python benchmarks/nvfp4_kv_attention.py --device cpu --small    # smoke test in Triton's interpreter
 
-Imports only torch, triton, ``kernels`` and ``longlive.bench.harness`` (no pydantic), so it runs on a bare GPU image.
+Imports only torch, triton, ``kernels``, ``longlive.quant`` and ``longlive.bench.harness`` (no pydantic), so it runs on a
+bare GPU image.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,10 +36,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from longlive.bench.harness import peak_extra_mib, python_version, times_ms, version, write_results  # noqa: E402
+from longlive.bench.harness import (  # noqa: E402
+    gbps, gpu_short, max_abs, max_rel, md_table, missing_cuda, peak_extra_mib, provenance, save, tflops, times_ms,
+)
+from longlive.quant.kv_cache import NVFP4KVStorage  # noqa: E402
 
 WAN = {"B": 1, "H": 24, "D": 128, "frame": 880, "frames_new": 8, "frames_cached": 24}
 SMALL = {"B": 1, "H": 2, "D": 32, "frame": 6, "frames_new": 2, "frames_cached": 5}
+PATHS = {"dense": "i. dense cache + RoPE + SDPA", "nvfp4_dequant": "ii. NVFP4 dequantize + cat + RoPE + SDPA",
+         "fused": "iii. fused NVFP4 attention kernel"}
 
 
 def rope_freqs_1d(D: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,26 +52,6 @@ def rope_freqs_1d(D: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tens
     inv = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     ang = torch.arange(tokens, dtype=torch.float64)[:, None] * inv
     return ang.cos().float().to(device)[:, None], ang.sin().float().to(device)[:, None]
-
-
-def pack(x: torch.Tensor, capacity: int):
-    """(B, n, H, D) -> packed / scales / global views of n tokens in cache buffers of ``capacity`` rows."""
-    from longlive_kernels import nvfp4_quant_ref
-
-    B, n, H, D = x.shape
-    rows = x.reshape(B * n, H * D)
-    g, inv_g = nvfp4_quant_ref.global_scale(rows, per_row=True)
-    if x.is_cuda:
-        from longlive_kernels.nvfp4_quant import quantize_rows  # bit-identical to the reference, faster
-    else:
-        quantize_rows = nvfp4_quant_ref.quantize_rows
-    p, s = quantize_rows(rows, g, inv_g)
-    bufs = (torch.zeros(B, capacity, H * D // 2, dtype=torch.uint8, device=x.device),
-            torch.zeros(B, capacity, H * D // 16, dtype=torch.float8_e4m3fn, device=x.device),
-            torch.zeros(B, capacity, dtype=torch.float32, device=x.device))
-    for buf, t in zip(bufs, (p.view(B, n, -1), s.view(B, n, -1), g.view(B, n))):
-        buf[:, :n] = t
-    return tuple(b[:, :n] for b in bufs)
 
 
 def sdpa(q, k, v):
@@ -89,6 +74,7 @@ def traffic_bytes(n: int, S: int, C: int, elt: int) -> dict[str, int]:
     }
 
 
+@torch.no_grad()
 def run(sizes: dict, device: str, reps: int, warmup: int) -> dict:
     from longlive_kernels.nvfp4_attention import _kernel, nvfp4_attention
     from longlive_kernels.nvfp4_attention_ref import dequantize_tokens
@@ -102,25 +88,24 @@ def run(sizes: dict, device: str, reps: int, warmup: int) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter mis-computes bf16 dots
     B, H, D, frame = sizes["B"], sizes["H"], sizes["D"], sizes["frame"]
     S, n = sizes["frames_new"] * frame, sizes["frames_cached"] * frame
-    C = H * D
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape, scale=1.0: (torch.randn(shape, generator=g) * scale).to(device, dtype)  # noqa: E731
     q, k, v = rnd(B, S, H, D), rnd(B, S, H, D), rnd(B, S, H, D)
     k_cached, v_cached = rnd(B, n, H, D, scale=2.0), rnd(B, n, H, D)
     cos, sin = rope_freqs_1d(D, n + S, device)
-
     # i. dense in-place cache: buffers of sink + window + block rows, the held tokens then this step's
-    k_buf, v_buf = torch.empty(B, n + S, H, D, dtype=dtype, device=device), torch.empty(B, n + S, H, D, dtype=dtype, device=device)
+    k_buf, v_buf = (torch.empty(B, n + S, H, D, dtype=dtype, device=device) for _ in range(2))
     k_buf[:, :n], v_buf[:, :n] = k_cached, v_cached
+    # ii. / iii. the NVFP4 cache's packed views of the held tokens (quantized from float32)
+    store = NVFP4KVStorage(1)
+    store.update_packed(0, k_cached.float(), v_cached.float(), write=True)
+    k_held, v_held = store.update_packed(0, k, v, write=False)
 
     def dense():
         k_buf[:, n:], v_buf[:, n:] = k, v
         return sdpa(q, apply_rope(k_buf, cos, sin), v_buf)
 
-    # ii. / iii. the NVFP4 cache's views (capacity for the block, as the storage's buffers)
-    k_held, v_held = pack(k_cached.float(), n + S), pack(v_cached.float(), n + S)
-
-    def dequant():
+    def nvfp4_dequant():
         kk = torch.cat((dequantize_tokens(k_held, H, dtype), k), dim=1)
         vv = torch.cat((dequantize_tokens(v_held, H, dtype), v), dim=1)
         return sdpa(q, apply_rope(kk, cos, sin), vv)
@@ -128,90 +113,56 @@ def run(sizes: dict, device: str, reps: int, warmup: int) -> dict:
     def fused():
         return nvfp4_attention(q, k_held, v_held, k, v, cos, sin)
 
-    with torch.no_grad():
-        out_ii, out_iii = dequant(), fused()  # fused() autotunes here, outside the timings
-        exact = nvfp4_attention_ref(q.float(), k_held, v_held, k.float(), v.float(), cos, sin)
-        scale = float(exact.abs().max())
-        r = {
-            **sizes, "Sq": S, "S_new": S, "n_cached": n, "dtype": str(dtype).removeprefix("torch."),
-            "max_abs_fused_vs_dequant": float((out_iii.float() - out_ii.float()).abs().max()),
-            "max_rel_fused_vs_dequant": float((out_iii.float() - out_ii.float()).abs().max()) / float(out_ii.float().abs().max()),
-            "max_abs_fused_vs_fp32": float((out_iii.float() - exact).abs().max()),
-            "max_abs_dequant_vs_fp32": float((out_ii.float() - exact).abs().max()),
-            "max_abs_dense_vs_fp32_of_unquantized": float(
-                (dense().float() - sdpa(q.float(), apply_rope(torch.cat((k_cached, k), 1).float(), cos, sin),
-                                        torch.cat((v_cached, v), 1).float())).abs().max()),
-            "output_scale": scale,
-            "triton_config": str(getattr(_kernel, "best_config", None)),
-            "triton_config_ms": {str(c): float(t[0] if isinstance(t, (list, tuple)) else t)
-                                 for c, t in (getattr(_kernel, "configs_timings", None) or {}).items()},
-        }
-        del out_ii, out_iii, exact
-        flop = 4 * B * H * S * (n + S) * D
-        traffic = traffic_bytes(n, S, C, torch.finfo(dtype).bits // 8)
-        r["bytes"] = traffic
-        for name, fn in (("dense", dense), ("nvfp4_dequant", dequant), ("fused", fused)):
-            if cuda:
-                torch.cuda.synchronize()
-            times = times_ms(fn, reps, warmup, torch.device(device))
-            r[f"{name}_ms"] = statistics.median(times)
-            r[f"{name}_ms_min"] = min(times)
-            r[f"{name}_tflops"] = flop / (r[f"{name}_ms"] * 1e-3) / 1e12
-            r[f"{name}_gbps"] = traffic[name] / (r[f"{name}_ms"] * 1e-3) / 1e9
-            r[f"{name}_peak_extra_mib"] = peak_extra_mib(fn) if cuda else None
-            print(f"{name}: {r[f'{name}_ms']:.3f} ms", flush=True)
-        r["speedup_fused_vs_dequant"] = r["nvfp4_dequant_ms"] / r["fused_ms"]
-        r["speedup_fused_vs_dense"] = r["dense_ms"] / r["fused_ms"]
+    out_ii, out_iii = nvfp4_dequant(), fused()  # fused() autotunes here, outside the timings
+    exact = nvfp4_attention_ref(q.float(), k_held, v_held, k.float(), v.float(), cos, sin)
+    unquantized = sdpa(q.float(), apply_rope(torch.cat((k_cached, k), 1).float(), cos, sin), torch.cat((v_cached, v), 1).float())
+    r = {**sizes, "Sq": S, "S_new": S, "n_cached": n, "dtype": str(dtype).removeprefix("torch."),
+         "max_abs_fused_vs_dequant": max_abs(out_iii, out_ii), "max_rel_fused_vs_dequant": max_rel(out_iii, out_ii),
+         "max_abs_fused_vs_fp32": max_abs(out_iii, exact), "max_abs_dequant_vs_fp32": max_abs(out_ii, exact),
+         "max_abs_dense_vs_fp32_of_unquantized": max_abs(dense(), unquantized),
+         "output_scale": float(exact.abs().max()), "triton_config": str(getattr(_kernel, "best_config", None)),
+         "triton_config_ms": {str(c): float(t[0] if isinstance(t, (list, tuple)) else t)
+                              for c, t in (getattr(_kernel, "configs_timings", None) or {}).items()},
+         "bytes": traffic_bytes(n, S, H * D, torch.finfo(dtype).bits // 8)}
+    del out_ii, out_iii, exact, unquantized
+    for name, fn in (("dense", dense), ("nvfp4_dequant", nvfp4_dequant), ("fused", fused)):
+        times = times_ms(fn, reps, warmup, torch.device(device))
+        r[f"{name}_ms"], r[f"{name}_ms_min"] = statistics.median(times), min(times)
+        r[f"{name}_tflops"] = tflops(4 * B * H * S * (n + S) * D, r[f"{name}_ms"])
+        r[f"{name}_gbps"] = gbps(r["bytes"][name], r[f"{name}_ms"])
+        r[f"{name}_peak_extra_mib"] = peak_extra_mib(fn) if cuda else None
+        print(f"{name}: {r[f'{name}_ms']:.3f} ms", flush=True)
+    r["speedup_fused_vs_dequant"] = r["nvfp4_dequant_ms"] / r["fused_ms"]
+    r["speedup_fused_vs_dense"] = r["dense_ms"] / r["fused_ms"]
     return r
 
 
 def markdown(result: dict) -> str:
-    r = result["run"]
-    b = r["bytes"]
+    r, b = result["run"], result["run"]["bytes"]
     mib = lambda x: f"{x / 2**20:.4g}"  # noqa: E731
-    rows = [
-        ("i. dense cache + RoPE + SDPA", "dense", b["cache_bytes_dense"]),
-        ("ii. NVFP4 dequantize + cat + RoPE + SDPA", "nvfp4_dequant", b["cache_bytes_nvfp4"]),
-        ("iii. fused NVFP4 attention kernel", "fused", b["cache_bytes_nvfp4"]),
-    ]
+    rows = [(label, f"{r[f'{key}_ms']:.3f}", f"{r[f'{key}_ms_min']:.3f}", f"{r[f'{key}_tflops']:.0f}",
+             mib(b["cache_bytes_dense" if key == "dense" else "cache_bytes_nvfp4"]), mib(b[key]), f"{r[f'{key}_gbps']:.0f}",
+             "-" if r[f"{key}_peak_extra_mib"] is None else f"{r[f'{key}_peak_extra_mib']:.0f}",
+             f"{r['nvfp4_dequant_ms'] / r[f'{key}_ms']:.2f}x") for key, label in PATHS.items()]
     lines = [
-        f"# Attention over the NVFP4 KV cache ({result['device']})",
-        "",
+        f"# Attention over the NVFP4 KV cache ({result['device']})", "",
         f"torch {result['torch']}, triton {result['triton']}; {result['date']}. Script: `benchmarks/nvfp4_kv_attention.py`.",
         f"B={r['B']}, heads={r['H']}, head_dim={r['D']}, {r['Sq']} queries and new keys ({r['frames_new']} frames x "
         f"{r['frame']}), {r['n_cached']} cached keys ({r['frames_cached']} frames), {r['dtype']}, no mask. One layer's "
         f"attention read of a denoising step; the queries' RoPE (common to all) not timed. Median of {result['reps']} "
         f"({'CUDA events' if 'CPU' not in result['device'] else 'host clock'}, after warm-up and autotuning). Bytes moved: the least K/V traffic of each path (each tensor it "
-        "reads or writes once).",
-        "",
-        "| path | median ms | min ms | TFLOP/s | cache MiB (K+V) | K/V MiB moved | GB/s of that | peak extra MiB | speed vs ii |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, key, cache in rows:
-        peak = r[f"{key}_peak_extra_mib"]
-        lines.append(f"| {label} | {r[f'{key}_ms']:.3f} | {r[f'{key}_ms_min']:.3f} | {r[f'{key}_tflops']:.0f} | {mib(cache)} | "
-                     f"{mib(b[key])} | {r[f'{key}_gbps']:.0f} | {'-' if peak is None else f'{peak:.0f}'} | "
-                     f"{r['nvfp4_dequant_ms'] / r[f'{key}_ms']:.2f}x |")
-    lines += [
-        "",
+        "reads or writes once).", "",
+        *md_table(("path", "median ms", "min ms", "TFLOP/s", "cache MiB (K+V)", "K/V MiB moved", "GB/s of that",
+                   "peak extra MiB", "speed vs ii"), rows), "",
         f"Errors (output scale {r['output_scale']:.3g}): fused vs ii max abs {r['max_abs_fused_vs_dequant']:.3g} "
         f"(rel to max |ii| {r['max_rel_fused_vs_dequant']:.3g}); against a float32 evaluation of the same quantized "
         f"attention: fused {r['max_abs_fused_vs_fp32']:.3g}, ii {r['max_abs_dequant_vs_fp32']:.3g}. (i vs float32 of the "
-        f"unquantized cache: {r['max_abs_dense_vs_fp32_of_unquantized']:.3g}.)",
-        "",
-        f"Kernel config (autotuned): `{r['triton_config']}`",
-        "",
-    ]
+        f"unquantized cache: {r['max_abs_dense_vs_fp32_of_unquantized']:.3g}.)", "",
+        f"Kernel config (autotuned): `{r['triton_config']}`", ""]
     if r["triton_config_ms"]:
-        lines += ["| config (autotuning) | ms |", "|---|---|"]
-        lines += [f"| `{c}` | {t:.3f} |" for c, t in sorted(r["triton_config_ms"].items(), key=lambda kv: kv[1])]
-        lines.append("")
+        configs = sorted(r["triton_config_ms"].items(), key=lambda kv: kv[1])
+        lines += [*md_table(("config (autotuning)", "ms"), ((f"`{c}`", f"{t:.3f}") for c, t in configs)), ""]
     return "\n".join(lines)
-
-
-def gpu_slug(name: str) -> str:
-    m = re.search(r"\b([a-z]{1,2}\d{2,4})\b", name.lower().replace("nvidia", ""))
-    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def main() -> int:
@@ -224,26 +175,20 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="file stem; default nvfp4_kv_attention_<gpu>")
     args = ap.parse_args()
     cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("no CUDA GPU: run with --device cpu --small for the interpreter smoke test", file=sys.stderr)
+    if cuda and missing_cuda("no CUDA GPU: run with --device cpu --small for the interpreter smoke test"):
         return 2
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton.language
     reps = args.reps or (20 if cuda else 3)
-    sizes = SMALL if args.small else WAN
     dev = torch.cuda.get_device_name() if cuda else f"CPU, Triton interpreter ({platform.processor() or platform.machine()})"
-    result = {"device": dev, "torch": torch.__version__, "triton": version("triton"), "python": python_version(),
-              "date": time.strftime("%Y-%m-%d"), "reps": reps}
+    result = {"device": dev, **provenance("triton"), "reps": reps}
     t0 = time.time()
-    result["run"] = run(sizes, args.device, reps, warmup=3 if cuda else 1)
+    result["run"] = run(SMALL if args.small else WAN, args.device, reps, warmup=3 if cuda else 1)
     result["wall_s"] = round(time.time() - t0, 1)
-    md = markdown(result)
-    print(md)
-    out_dir = args.out_dir or ("benchmarks/results" if cuda else None)
-    if out_dir:
-        stem = args.name or f"nvfp4_kv_attention_{gpu_slug(dev) if cuda else 'cpu'}" + ("_small" if args.small else "")
-        write_results(Path(out_dir) / f"{stem}.json", result, md)
-        print(f"wrote {Path(out_dir) / stem}.json/.md")
+    print(markdown(result))
+    if args.out_dir or cuda:
+        stem = args.name or f"nvfp4_kv_attention_{gpu_short(dev) if cuda else 'cpu'}" + ("_small" if args.small else "")
+        save(args.out_dir or "benchmarks/results", stem, result, markdown(result))
     return 0
 
 

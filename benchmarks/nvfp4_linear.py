@@ -30,7 +30,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from longlive.bench.harness import (  # noqa: E402
-    do_bench_ms, max_rel, peak_extra_mib, python_version, rel_l2, slug, version, write_json, write_results,
+    bit_exact, do_bench_ms, max_rel, md_table, missing_cuda, peak_extra_mib, provenance, rel_l2, save, slug, tflops,
+    write_json,
 )
 from longlive.quant.linear import NVFP4Linear, check_backend, quantize_activation  # noqa: E402
 from longlive.quant.nvfp4 import quantize  # noqa: E402
@@ -38,8 +39,7 @@ from longlive.quant.nvfp4 import quantize  # noqa: E402
 SHAPES = [(3072, 3072, "attention q/k/v/out"), (3072, 14336, "FFN up"), (14336, 3072, "FFN down")]
 TOKENS = [1170, 4680]
 RTOL = 1e-5  # max |triton - emulated| / max |emulated|, float32 outputs
-
-
+MODES = ("packed", "float16")  # how the GEMM gets A: 4-bit tiles it decodes, or the dequantized float16 activation
 bench_ms = partial(do_bench_ms, warmup=25, rep=100)
 
 
@@ -49,119 +49,105 @@ def make_layers(K: int, N: int, seed: int):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, K, device="cuda", generator=g) * K**-0.5)
         lin.bias.copy_(torch.randn(N, device="cuda", generator=g) * 0.1)
-    tri = NVFP4Linear.from_linear(lin, backend="triton")
-    emu = NVFP4Linear.from_linear(lin, backend="emulated")
-    return lin, tri, emu
+    return lin, NVFP4Linear.from_linear(lin, backend="triton"), NVFP4Linear.from_linear(lin, backend="emulated")
 
 
+def per_mode(tri: NVFP4Linear, fn) -> dict:
+    """``{mode: fn()}`` with the Triton layer handing A to its GEMM in each way."""
+    out = {}
+    for mode in MODES:
+        tri.triton_activation = mode
+        out[mode] = fn()
+    return out
+
+
+@torch.no_grad()
 def check_small_shapes() -> list[dict]:
     out = []
     for M, K, N in [(37, 80, 50), (1, 16, 17), (129, 272, 96), (300, 3072, 200)]:
         lin, tri, emu = make_layers(K, N, seed=M)
         x = torch.randn(M, K, device="cuda")
-        with torch.no_grad():
-            errs = []
-            for mode in ("packed", "float16"):
-                tri.triton_activation = mode
-                errs.append(max_rel(tri(x), emu(x)))
-            out.append({"M": M, "K": K, "N": N, "rel_max_vs_emulated": max(errs)})
+        out.append({"M": M, "K": K, "N": N, "rel_max_vs_emulated": max(per_mode(tri, lambda: max_rel(tri(x), emu(x))).values())})
     return out
 
 
+@torch.no_grad()
 def run_shape(K: int, N: int, M: int) -> dict:
     from longlive_kernels.nvfp4_gemm import _kernel, nvfp4_gemm
     from longlive_kernels.nvfp4_quant import quantize_rows
     from longlive_kernels.nvfp4_quant_ref import global_scale
 
     lin, tri, emu = make_layers(K, N, seed=K + N)
-    g = torch.Generator(device="cuda").manual_seed(M)
-    x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", generator=torch.Generator(device="cuda").manual_seed(M), dtype=torch.bfloat16)
     r: dict = {"K": K, "N": N, "M": M}
-    with torch.no_grad():
-        # 1. numerics, for both ways of handing A to the GEMM (packed, or dequantized float16)
-        kq = quantize_activation(x, use_kernel=True)
-        ref = quantize(x)
-        r["act_quant_bit_exact"] = bool(torch.equal(kq.packed, ref.packed)
-                                        and torch.equal(kq.block_scales.view(torch.uint8), ref.block_scales.view(torch.uint8))
-                                        and torch.equal(kq.global_scale, ref.global_scale))
-        y_emu32 = emu(x.float())
-        y_bf16 = lin(x)
-        for mode in ("packed", "float16"):
-            tri.triton_activation = mode
-            y32 = tri(x.float())  # float32 in -> float32 out; the same quantized values
-            r[f"rel_max_vs_emulated_{mode}"] = max_rel(y32, y_emu32)
-            r[f"rel_l2_vs_emulated_{mode}"] = rel_l2(y32, y_emu32)
-            y = tri(x)
-            r[f"bf16_out_rel_max_vs_emulated_{mode}"] = max_rel(y, y_emu32)
-            del y32, y
-        r["rel_max_vs_emulated"] = max(r["rel_max_vs_emulated_packed"], r["rel_max_vs_emulated_float16"])
-        r["w4a4_rel_l2_vs_bf16_linear"] = rel_l2(tri(x), y_bf16)  # the quantization error itself, for reference
-        del y_emu32, y_bf16, kq, ref
-
-        # 2. speed
-        r["bf16_linear_ms"] = bench_ms(lambda: lin(x))
-        gv, inv_gv = global_scale(x, per_row=False)
-        packed, scales, dq = quantize_rows(x, gv, inv_gv, dequantized=True)
-        w = (tri.weight_packed, tri.weight_scales, tri.weight_global, tri.bias)
-        for mode in ("packed", "float16"):
-            tri.triton_activation = mode
-            tri(x)  # autotune outside the timings
-            r[f"nvfp4_{mode}_ms"] = bench_ms(lambda: tri(x))
-            a_args = (packed, scales, gv) if mode == "packed" else (dq, None, gv)
-            r[f"gemm_{mode}_ms"] = bench_ms(lambda: nvfp4_gemm(*a_args, *w, out_dtype=torch.bfloat16))
-            r[f"triton_config_{mode}"] = str(getattr(_kernel, "best_config", None))
-        r["act_quant_ms"] = bench_ms(lambda: quantize_activation(x, use_kernel=True))
-        r["act_quant_dq16_ms"] = bench_ms(lambda: quantize_rows(x, *global_scale(x, per_row=False), dequantized=True))
-        del packed, scales, dq
-        best = min(("packed", "float16"), key=lambda m: r[f"nvfp4_{m}_ms"])
-        r["best_activation_operand"] = best
-        r["nvfp4_triton_ms"] = r[f"nvfp4_{best}_ms"]
-        flop = 2 * M * N * K
-        for key in ("bf16_linear", "nvfp4_triton", "gemm_packed", "gemm_float16"):
-            r[f"{key}_tflops"] = flop / (r[f"{key}_ms"] * 1e-3) / 1e12
-        r["speedup_vs_bf16"] = r["bf16_linear_ms"] / r["nvfp4_triton_ms"]
-
-        # 3. memory
-        r["weight_bytes_bf16"] = lin.weight.numel() * 2 + lin.bias.numel() * 2
-        r["weight_bytes_nvfp4"] = tri.weight_nbytes
-        r["weight_ratio"] = r["weight_bytes_nvfp4"] / r["weight_bytes_bf16"]
-        r["bf16_forward_peak_extra_mib"] = peak_extra_mib(lambda: lin(x))
-        for mode in ("packed", "float16"):
-            tri.triton_activation = mode
-            r[f"nvfp4_{mode}_forward_peak_extra_mib"] = peak_extra_mib(lambda: tri(x))
+    # 1. numerics, for both ways of handing A to the GEMM; float32 in -> float32 out, the same quantized values
+    kq, ref = quantize_activation(x, use_kernel=True), quantize(x)
+    r["act_quant_bit_exact"] = bit_exact((kq.packed, ref.packed), (kq.block_scales, ref.block_scales),
+                                         (kq.global_scale, ref.global_scale))
+    y_emu32 = emu(x.float())
+    for mode, (y32, y) in per_mode(tri, lambda: (tri(x.float()), tri(x))).items():
+        r[f"rel_max_vs_emulated_{mode}"], r[f"rel_l2_vs_emulated_{mode}"] = max_rel(y32, y_emu32), rel_l2(y32, y_emu32)
+        r[f"bf16_out_rel_max_vs_emulated_{mode}"] = max_rel(y, y_emu32)
+    r["rel_max_vs_emulated"] = max(r[f"rel_max_vs_emulated_{m}"] for m in MODES)
+    r["w4a4_rel_l2_vs_bf16_linear"] = rel_l2(tri(x), lin(x))  # the quantization error itself, for reference
+    del y_emu32, y32, y, kq, ref
+    # 2. speed: the layer, its GEMM alone on each A operand, the activation quantizer
+    r["bf16_linear_ms"] = bench_ms(lambda: lin(x))
+    gv, inv_gv = global_scale(x, per_row=False)
+    packed, scales, dq = quantize_rows(x, gv, inv_gv, dequantized=True)
+    w = (tri.weight_packed, tri.weight_scales, tri.weight_global, tri.bias)
+    for mode in MODES:
+        tri.triton_activation = mode
+        tri(x)  # autotune outside the timings
+        r[f"nvfp4_{mode}_ms"] = bench_ms(lambda: tri(x))
+        a_args = (packed, scales, gv) if mode == "packed" else (dq, None, gv)
+        r[f"gemm_{mode}_ms"] = bench_ms(lambda: nvfp4_gemm(*a_args, *w, out_dtype=torch.bfloat16))
+        r[f"triton_config_{mode}"] = str(getattr(_kernel, "best_config", None))
+    r["act_quant_ms"] = bench_ms(lambda: quantize_activation(x, use_kernel=True))
+    r["act_quant_dq16_ms"] = bench_ms(lambda: quantize_rows(x, *global_scale(x, per_row=False), dequantized=True))
+    del packed, scales, dq
+    r["best_activation_operand"] = best = min(MODES, key=lambda m: r[f"nvfp4_{m}_ms"])
+    r["nvfp4_triton_ms"] = r[f"nvfp4_{best}_ms"]
+    for key in ("bf16_linear", "nvfp4_triton", "gemm_packed", "gemm_float16"):
+        r[f"{key}_tflops"] = tflops(2 * M * N * K, r[f"{key}_ms"])
+    r["speedup_vs_bf16"] = r["bf16_linear_ms"] / r["nvfp4_triton_ms"]
+    # 3. memory
+    r["weight_bytes_bf16"], r["weight_bytes_nvfp4"] = lin.weight.numel() * 2 + lin.bias.numel() * 2, tri.weight_nbytes
+    r["weight_ratio"] = r["weight_bytes_nvfp4"] / r["weight_bytes_bf16"]
+    r["bf16_forward_peak_extra_mib"] = peak_extra_mib(lambda: lin(x))
+    for mode, mib in per_mode(tri, lambda: peak_extra_mib(lambda: tri(x))).items():
+        r[f"nvfp4_{mode}_forward_peak_extra_mib"] = mib
     return r
 
 
+COLUMNS = {
+    "K x N (layer)": "{K} x {N} ({layer})", "M": "{M}", "bf16": "{bf16_linear_ms:.3f}",
+    "nvfp4 packed A": "{nvfp4_packed_ms:.3f}", "nvfp4 fp16 A": "{nvfp4_float16_ms:.3f}",
+    "GEMM packed A": "{gemm_packed_ms:.3f}", "GEMM fp16 A": "{gemm_float16_ms:.3f}", "act. quant": "{act_quant_ms:.3f}",
+    "bf16 TFLOP/s": "{bf16_linear_tflops:.0f}", "nvfp4 TFLOP/s": "{nvfp4_triton_tflops:.0f}",
+    "speed vs bf16": "{speedup_vs_bf16:.2f}x",
+    "weight MiB bf16 -> nvfp4": lambda r: f"{r['weight_bytes_bf16'] / 2**20:.1f} -> {r['weight_bytes_nvfp4'] / 2**20:.1f} "
+                                          f"({r['weight_ratio']:.3f}x)",
+    "fwd peak extra MiB bf16 / packed / fp16": "{bf16_forward_peak_extra_mib:.1f} / "
+    "{nvfp4_packed_forward_peak_extra_mib:.1f} / {nvfp4_float16_forward_peak_extra_mib:.1f}",
+    "max err vs emulated": "{rel_max_vs_emulated:.1e}",
+    "act. quant bit-exact": lambda r: "yes" if r["act_quant_bit_exact"] else "NO",
+}
+
+
 def markdown(result: dict) -> str:
-    lines = [
-        f"# NVFP4 Triton linear vs bf16 nn.Linear ({result['device']})",
-        "",
+    return "\n".join([
+        f"# NVFP4 Triton linear vs bf16 nn.Linear ({result['device']})", "",
         f"torch {result['torch']}, triton {result['triton']}; {result['date']}. Script: `benchmarks/nvfp4_linear.py`.",
         "W4A4 with weights packed (4.5 bits/weight) and activations quantized on every call (one global scale). "
         "Times are medians of `triton.testing.do_bench` in ms. A layer call = activation amax + quantization kernel + "
         "GEMM; `packed A`: the GEMM decodes the 4-bit activation tiles itself, `fp16 A`: the quantization kernel also "
         "writes the dequantized activation (exact in float16) and the GEMM decodes only W. Max error: "
-        "max |triton - emulated| / max |emulated| on float32 outputs (both modes).",
-        "",
-        "| K x N (layer) | M | bf16 | nvfp4 packed A | nvfp4 fp16 A | GEMM packed A | GEMM fp16 A | act. quant | "
-        "bf16 TFLOP/s | nvfp4 TFLOP/s | speed vs bf16 | weight MiB bf16 -> nvfp4 | fwd peak extra MiB bf16 / packed / fp16 | "
-        "max err vs emulated | act. quant bit-exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["shapes"]:
-        lines.append(
-            f"| {r['K']} x {r['N']} ({r['layer']}) | {r['M']} | {r['bf16_linear_ms']:.3f} | {r['nvfp4_packed_ms']:.3f} | "
-            f"{r['nvfp4_float16_ms']:.3f} | {r['gemm_packed_ms']:.3f} | {r['gemm_float16_ms']:.3f} | {r['act_quant_ms']:.3f} | "
-            f"{r['bf16_linear_tflops']:.0f} | {r['nvfp4_triton_tflops']:.0f} | {r['speedup_vs_bf16']:.2f}x | "
-            f"{r['weight_bytes_bf16'] / 2**20:.1f} -> {r['weight_bytes_nvfp4'] / 2**20:.1f} ({r['weight_ratio']:.3f}x) | "
-            f"{r['bf16_forward_peak_extra_mib']:.1f} / {r['nvfp4_packed_forward_peak_extra_mib']:.1f} / "
-            f"{r['nvfp4_float16_forward_peak_extra_mib']:.1f} | {r['rel_max_vs_emulated']:.1e} | "
-            f"{'yes' if r['act_quant_bit_exact'] else 'NO'} |"
-        )
-    lines += ["", "Small odd shapes, max |triton - emulated| / max |emulated|: "
-              + ", ".join(f"{s['M']}x{s['K']}x{s['N']}: {s['rel_max_vs_emulated']:.1e}" for s in result["small_shapes"]),
-              "", f"native backend on this GPU: {result['native_backend']}", ""]
-    return "\n".join(lines)
+        "max |triton - emulated| / max |emulated| on float32 outputs (both modes).", "",
+        *md_table(COLUMNS, result["shapes"]), "",
+        "Small odd shapes, max |triton - emulated| / max |emulated|: "
+        + ", ".join(f"{s['M']}x{s['K']}x{s['N']}: {s['rel_max_vs_emulated']:.1e}" for s in result["small_shapes"]), "",
+        f"native backend on this GPU: {result['native_backend']}", ""])
 
 
 def main() -> int:
@@ -169,9 +155,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--name", default=None, help="file stem; default nvfp4_linear_<gpu>")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("benchmarks/nvfp4_linear.py needs a CUDA GPU (the Triton kernels); on the CPU run "
-              "`pytest tests/unit/test_nvfp4_kernels.py` (TRITON_INTERPRET=1) instead", file=sys.stderr)
+    if missing_cuda("benchmarks/nvfp4_linear.py needs a CUDA GPU (the Triton kernels); on the CPU run "
+                    "`pytest tests/unit/test_nvfp4_kernels.py` (TRITON_INTERPRET=1) instead"):
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the emulated reference multiplies in true float32
     dev = torch.cuda.get_device_name()
@@ -180,29 +165,21 @@ def main() -> int:
         native = "available"
     except RuntimeError as e:
         native = f"unavailable: {e}"
-    result = {"device": dev, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
-              "triton": version("triton"), "python": python_version(),
-              "date": time.strftime("%Y-%m-%d"), "rtol": RTOL, "native_backend": native, "shapes": []}
-    out = Path(args.out_dir)
-    stem = args.name or "nvfp4_linear_" + slug(dev)
-    t0 = time.time()
+    result = {"device": dev, "capability": list(torch.cuda.get_device_capability()), **provenance("triton"),
+              "rtol": RTOL, "native_backend": native, "shapes": []}
+    stem, t0 = args.name or "nvfp4_linear_" + slug(dev), time.time()
     result["small_shapes"] = check_small_shapes()
     print("small shapes:", result["small_shapes"], flush=True)
-    for K, N, layer in SHAPES:
-        for M in TOKENS:
-            r = run_shape(K, N, M)
-            r["layer"] = layer
-            result["shapes"].append(r)
-            print(json.dumps(r), flush=True)
-            write_json(out / f"{stem}.json", result)  # partial results survive a timeout
+    for (K, N, layer), M in ((s, M) for s in SHAPES for M in TOKENS):
+        result["shapes"].append({**run_shape(K, N, M), "layer": layer})
+        print(json.dumps(result["shapes"][-1]), flush=True)
+        write_json(Path(args.out_dir) / f"{stem}.json", result)  # partial results survive a timeout
     result["wall_s"] = round(time.time() - t0, 1)
-    ok = all(r["rel_max_vs_emulated"] < RTOL and r["act_quant_bit_exact"] for r in result["shapes"]) and all(
-        s["rel_max_vs_emulated"] < RTOL for s in result["small_shapes"])
-    result["matches_emulated"] = ok
-    md = markdown(result)
-    print(md)
-    write_results(out / f"{stem}.json", result, md)
-    print(f"wrote {out / stem}.json/.md; triton matches emulated: {ok}")
+    ok = all(r["rel_max_vs_emulated"] < RTOL and r["act_quant_bit_exact"] for r in result["shapes"])
+    result["matches_emulated"] = ok = ok and all(s["rel_max_vs_emulated"] < RTOL for s in result["small_shapes"])
+    print(markdown(result))
+    save(args.out_dir, stem, result, markdown(result))
+    print(f"triton matches emulated: {ok}")
     return 0 if ok else 1
 
 

@@ -30,12 +30,10 @@ state = blocks whose cache holds the full sink + window; FPS = 4 pixel frames pe
 32 video frames per block / steady block time; first-block latency of a warm process (and of the cold
 first block in the process, which includes kernel JIT); peak memory per GPU.
 
-Training (``--parts train``): one teacher-forcing step of ``longlive.train.ar`` (``build_batch``,
-``attention_mask``, ``tf_forward``, ``masked_flow_loss``; [clean | noisy] = 2 x ``--train-frames``
-latent frames, full block-causal history as the wan22-5b AR preset) in bf16 autocast over float32
-weights, with activation checkpointing of every block (``--ac``, applied before ``parallelize``),
-FSDP2 over all ranks + SP, grad-norm clipping and an AdamW step; the first step warms up, the rest are
-timed.
+Training (``--parts train``): the teacher-forcing step of :mod:`longlive.bench.train` ([clean | noisy] =
+2 x ``--train-frames`` latent frames, full block-causal history as the wan22-5b AR preset, bf16 autocast
+over float32 weights) with activation checkpointing of every block (``--ac``, applied before
+``parallelize``), FSDP2 over all ranks + SP and AdamW; the first step warms up, the rest are timed.
 """
 
 from __future__ import annotations
@@ -45,17 +43,18 @@ import json
 import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from longlive.bench.harness import (  # noqa: E402
-    fmt, now, python_version, sync, utc_now, version, write_json, write_results,
+    cuda_peak_gib, errors, fmt, md_table, now, rank_gather, rank_max, run_environment, sync, write_json, write_results,
 )
+from longlive.bench.train import summarize_steps, teacher_forcing_inputs, teacher_forcing_loss, train_steps  # noqa: E402
 from longlive.bench.variants import random_dit  # noqa: E402
 from longlive.config import ParallelConfig, load_preset  # noqa: E402
 from longlive.inference import build  # noqa: E402
@@ -71,30 +70,6 @@ TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-4}  # relative L2 of SP=N vs SP=1 (
 def log(state, *msg) -> None:
     if state.is_main:
         print(*msg, flush=True)
-
-
-def max_over_ranks(values: list[float], state) -> list[float]:
-    if not state.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=state.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def gather_objects(obj, state) -> list:
-    if not state.distributed:
-        return [obj]
-    out = [None] * state.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
-    got, ref = got.double(), ref.double()
-    err = (got - ref).abs()
-    return {"max_abs_err": float(err.max()), "max_abs_ref": float(ref.abs().max()),
-            "max_rel_err": float(err.max() / ref.abs().max().clamp_min(1e-30)),
-            "rel_l2_err": float((got - ref).norm() / ref.norm().clamp_min(1e-30))}
 
 
 # ----------------------------------------------------------------------------- model and shapes
@@ -129,7 +104,7 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
     bf, C, h, w = shp["block_frames"], shp["z_dim"], shp["lat_h"], shp["lat_w"]
     t0 = now()
     dit = random_dit(preset, dev, dtype, args.seed)  # the same weights on every rank of one GPU type
-    sums = gather_objects(checksum(dit), state)
+    sums = rank_gather(checksum(dit), state)
     if len(set(sums)) != 1:
         raise RuntimeError(f"ranks built different weights: checksums {sums}")
     wgib = weight_gib(dit)
@@ -164,7 +139,7 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
         fwd = dit(x.to(dev), t.to(dev), context, block_frames=bf).float().cpu()
         fwd2 = dit(torch.cat((x, x.flip(2))).to(dev), torch.cat((t, t.flip(1))).to(dev),
                    context.expand(2, -1, -1), block_frames=bf)[:1].float().cpu()
-    floor = compare(fwd2, fwd)
+    floor = errors(fwd2, fwd)
 
     # 3. the measured stream
     if dev.type == "cuda":
@@ -185,14 +160,12 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
                        "denoise_s": tm["denoise_s"], "cache_pass_s": tm["cache_s"],
                        "cache_frames": len(tm["cache_frames"]), "kv_cache_gib": tm["cache_bytes"] / 2**30})
     # the slowest rank sets the pace: max over ranks of every timing
-    flat = max_over_ranks([b[k] for b in blocks for k in ("wall_s", "gpu_s", "denoise_s", "cache_pass_s")] + [cold], state)
+    flat = rank_max([b[k] for b in blocks for k in ("wall_s", "gpu_s", "denoise_s", "cache_pass_s")] + [cold], state)
     for i, b in enumerate(blocks):
         b["wall_s"], b["gpu_s"], b["denoise_s"], b["cache_pass_s"] = flat[4 * i: 4 * i + 4]
     cold = flat[-1]
     steady = blocks[warm:]
-    mem = {"peak_alloc_gib": torch.cuda.max_memory_allocated(dev) / 2**30,
-           "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30} if dev.type == "cuda" else {}
-    per_rank_mem = gather_objects(mem, state)
+    per_rank_mem = rank_gather(cuda_peak_gib(dev), state)
 
     latents = [o.latents.float().cpu() for o in outs[: args.compare_blocks]]
     finite = all(bool(torch.isfinite(o.latents).all()) for o in outs)
@@ -219,8 +192,8 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
         ref = torch.load(ref_path, weights_only=True)  # tensors, lists and a checksum: nothing to unpickle
         r["match"] = {
             "same_weights_as_sp1": ref["checksum"] == sums[0],
-            "forward": compare(fwd, ref["forward"]),
-            "blocks": [compare(a, b) for a, b in zip(latents, ref["latents"])],
+            "forward": errors(fwd, ref["forward"]),
+            "blocks": [errors(a, b) for a, b in zip(latents, ref["latents"])],
         }
     else:
         r["match"] = None  # no SP=1 run in this work dir
@@ -233,17 +206,13 @@ def run_inference(args, preset, state, dtype: torch.dtype, work: Path) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def run_train(args, preset, state, work: Path) -> dict:
+def run_train(args, preset, state) -> dict:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-    from longlive.parallel.fsdp import to_local_float
-    from longlive.train.ar import attention_mask, build_batch, masked_flow_loss, shot_index, tf_forward
-    from longlive.train.loop import autocast, autocast_dtype
+    from longlive.train.loop import autocast_dtype
 
-    dev, shp, cfg = state.device, shapes(preset), preset.ar
-    variant = cfg.variants["t2v"]
+    dev, shp = state.device, shapes(preset)
     F = args.train_frames or shp["clip_frames"]
-    C, h, w, tokens = shp["z_dim"], shp["lat_h"], shp["lat_w"], shp["frame_tokens"]
     t0 = now()
     model = random_dit(preset, dev, torch.float32, args.seed)  # float32 master weights, bf16 autocast (train_ar)
     if args.ac:  # before parallelize: SP hooks and FSDP units then sit on the checkpoint wrappers
@@ -252,59 +221,15 @@ def run_train(args, preset, state, work: Path) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     log(state, f"[train sp={state.sp}] model built, AC={args.ac}, FSDP2={state.distributed} in {now() - t0:.1f} s")
-
-    g = torch.Generator().manual_seed(args.seed + 3)  # the same batch on every rank of the SP group
-    x0 = torch.randn(1, C, F, h, w, generator=g)
-    context = torch.randn(1, 1, shp["text_tokens"], shp["text_dim"], generator=g)
-    index = torch.zeros(1, F, dtype=torch.long)
-    null = torch.zeros(shp["text_tokens"], shp["text_dim"])
-    batch = build_batch(x0, context, index, null, cfg, variant, g).to(dev)
-    # the frame-level mask, expanded to tokens on the device (the token mask is (2S)^2 booleans)
-    frame_mask = attention_mask(F, 1, cfg.block_frames, variant.independent_first_frame, shots=shot_index([0], F),
-                                sink_frames=cfg.sink_frames, window_frames=cfg.window_frames,
-                                multishot_sink=cfg.multishot_sink).to(dev)
-    mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
-    del frame_mask
-
-    steps = []
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(args.train_steps):
-        sync(dev)
-        t_step = now()
-        opt.zero_grad(set_to_none=True)
-        with autocast("auto", dev):
-            loss = masked_flow_loss(tf_forward(model, batch, mask), batch)
-        loss.backward()
-        sync(dev)
-        t_fb = now()
-        norm = to_local_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        opt.step()
-        sync(dev)
-        t_end = now()
-        rec = {"step": step, "step_s": t_end - t_step, "fwd_bwd_s": t_fb - t_step, "optim_s": t_end - t_fb,
-               "loss": loss.item(), "grad_norm": norm}
-        if dev.type == "cuda":
-            rec["peak_alloc_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
-        steps.append(rec)
-        log(state, f"[train sp={state.sp}] {json.dumps(rec)}")
-    times = max_over_ranks([s["step_s"] for s in steps] + [s["fwd_bwd_s"] for s in steps], state)
-    n = len(steps)
-    for i, s in enumerate(steps):
-        s["step_s"], s["fwd_bwd_s"] = times[i], times[n + i]
-    timed = steps[1:] or steps
-    mem = {k: max(s.get(k, 0.0) for s in steps) for k in ("peak_alloc_gib", "peak_reserved_gib")} if dev.type == "cuda" else {}
-    r = {
-        "sp": state.sp, "world": state.world_size, "fsdp2": state.distributed, "activation_checkpointing": args.ac,
-        "latent_frames": F, "frames_in_forward": 2 * F, "tokens": 2 * F * tokens, "tokens_per_rank": 2 * F * tokens // state.sp,
-        "batch": 1, "autocast": str(autocast_dtype("auto", dev) or "none (float32)").replace("torch.", ""), "master_weights": "float32",
-        "optimizer": "AdamW", "steps": steps, "timed_steps": len(timed),
-        "step_s": sum(s["step_s"] for s in timed) / len(timed),
-        "fwd_bwd_s": sum(s["fwd_bwd_s"] for s in timed) / len(timed),
-        "memory_per_rank": gather_objects(mem, state),
-        "finite": all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in steps),
-    }
+    batch, mask = teacher_forcing_inputs(preset, F, dev, args.seed + 3)  # the same batch on every rank
+    steps = train_steps(model, opt, partial(teacher_forcing_loss, model, batch, mask, dev), args.train_steps, dev,
+                        grad_clip=preset.ar.grad_clip,
+                        log=lambda rec: log(state, f"[train sp={state.sp}] {json.dumps(rec)}"))
+    tokens = 2 * F * shp["frame_tokens"]
+    r = {"sp": state.sp, "world": state.world_size, "fsdp2": state.distributed, "activation_checkpointing": args.ac,
+         "latent_frames": F, "frames_in_forward": 2 * F, "tokens": tokens, "tokens_per_rank": tokens // state.sp,
+         "batch": 1, "autocast": str(autocast_dtype("auto", dev) or "none (float32)").replace("torch.", ""),
+         "master_weights": "float32", "optimizer": "AdamW", **summarize_steps(steps, state)}
     del model, opt, batch, mask
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -314,17 +239,18 @@ def run_train(args, preset, state, work: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def environment(state, args) -> dict:
-    env = {"date": utc_now(),
-           "machine": args.machine, "torch": torch.__version__, "python": python_version(),
-           "device": str(state.device)}
-    if state.device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(state.device), cuda=torch.version.cuda,
-                   gpus_visible=torch.cuda.device_count(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None)
-        env["triton"] = version("triton")
-    env["nccl_env"] = {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")}
-    return env
+def peak(result: dict, key: str) -> float | None:
+    """The most any rank of ``result`` held of ``key`` (None off CUDA)."""
+    return max(m.get(key, 0) for m in result["memory_per_rank"]) or None
+
+
+def match_cell(row: dict) -> str:
+    if row["sp"] == 1:
+        return "reference"
+    if "match_pass" not in row:
+        return "no SP=1 run"
+    return (f"{fmt(row.get('match_forward_rel_l2'), '.3g')} / {fmt(row.get('match_blocks_rel_l2_max'), '.3g')} "
+            f"({'pass' if row.get('match_pass') else 'FAIL'})")
 
 
 def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] | None = None, stem: str = "sp_scaling") -> dict:
@@ -345,8 +271,7 @@ def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] |
                "cache_pass_gpu_ms": 1e3 * r["steady_cache_pass_gpu_s"], "fps": r["fps_wall"], "fps_gpu": r["fps_gpu"],
                "speedup": base["steady_block_wall_s"] / r["steady_block_wall_s"] if base else None,
                "first_block_ms": 1e3 * r["first_block_latency_s"], "cold_first_block_s": r["cold_first_block_s"],
-               "peak_alloc_gib_per_gpu": max(m.get("peak_alloc_gib", 0) for m in r["memory_per_rank"]) or None,
-               "peak_reserved_gib_per_gpu": max(m.get("peak_reserved_gib", 0) for m in r["memory_per_rank"]) or None,
+               "peak_alloc_gib_per_gpu": peak(r, "peak_alloc_gib"), "peak_reserved_gib_per_gpu": peak(r, "peak_reserved_gib"),
                "kv_cache_gib_per_gpu": r["kv_cache_gib_per_rank"], "kernels": r["kernels"], "finite": r["finite"]}
         m = r.get("match")
         if m:
@@ -374,18 +299,14 @@ def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] |
                      f"{shp['text_tokens']} random text tokens. **DiT only, VAE decode excluded.** Ulysses SP, spatial partition.")
         lines.append("")
     if rows:
-        lines += ["## Streaming inference", "",
-                  "| SP | GPUs | steady block ms | GPU ms / block | step ms | cache pass ms | FPS (DiT) | speedup | "
-                  "first block ms | cold first block s | peak alloc GiB/GPU | KV cache held GiB/GPU | output vs SP=1 (rel L2 fwd / blocks max) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            match = "reference" if r["sp"] == 1 else (
-                f"{fmt(r.get('match_forward_rel_l2'), '.3g')} / {fmt(r.get('match_blocks_rel_l2_max'), '.3g')} "
-                f"({'pass' if r.get('match_pass') else 'FAIL'})" if "match_pass" in r else "no SP=1 run")
-            lines.append(f"| {r['sp']} | {r['gpus']} | {r['steady_block_ms']:.1f} | {r['steady_block_gpu_ms']:.1f} | "
-                         f"{r['step_gpu_ms']:.1f} | {r['cache_pass_gpu_ms']:.1f} | {r['fps']:.2f} | {fmt(r['speedup'], '.2f')}x | "
-                         f"{r['first_block_ms']:.1f} | {r['cold_first_block_s']:.2f} | {fmt(r['peak_alloc_gib_per_gpu'], '.1f')} | "
-                         f"{r['kv_cache_gib_per_gpu']:.2f} | {match} |")
+        lines += ["## Streaming inference", ""] + md_table(
+            ("SP", "GPUs", "steady block ms", "GPU ms / block", "step ms", "cache pass ms", "FPS (DiT)", "speedup",
+             "first block ms", "cold first block s", "peak alloc GiB/GPU", "KV cache held GiB/GPU",
+             "output vs SP=1 (rel L2 fwd / blocks max)"),
+            ((r["sp"], r["gpus"], f"{r['steady_block_ms']:.1f}", f"{r['steady_block_gpu_ms']:.1f}", f"{r['step_gpu_ms']:.1f}",
+              f"{r['cache_pass_gpu_ms']:.1f}", f"{r['fps']:.2f}", f"{fmt(r['speedup'], '.2f')}x", f"{r['first_block_ms']:.1f}",
+              f"{r['cold_first_block_s']:.2f}", fmt(r["peak_alloc_gib_per_gpu"], ".1f"), f"{r['kv_cache_gib_per_gpu']:.2f}",
+              match_cell(r)) for r in rows))
         lines.append("")
         for part in infer:
             m = part["result"].get("match")
@@ -401,20 +322,16 @@ def report(work: Path, out_dir: Path, preset_name: str, extra_notes: list[str] |
                          f"rel L2 {fl['rel_l2_err']:.3g} (max abs {fl['max_abs_err']:.3g}). Tolerance: rel L2 <= {tol:g} ({dtype}).")
         lines.append("")
     if train:
-        lines += ["## One training step (teacher forcing; FSDP2 + SP over the GPUs when there are several)", "",
-                  "| SP | GPUs | FSDP2 | act. ckpt | latent frames (x2 clean/noisy) | tokens (per rank) | step s | speedup | fwd+bwd s | "
-                  "peak alloc GiB/GPU | peak reserved GiB/GPU | loss | grad norm |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         train.sort(key=lambda part: part["result"]["sp"])
         base_t = next((p["result"] for p in train if p["result"]["sp"] == 1), None)
-        for part in train:
-            t = part["result"]
-            pa = max(m.get("peak_alloc_gib", 0) for m in t["memory_per_rank"]) or None
-            pr = max(m.get("peak_reserved_gib", 0) for m in t["memory_per_rank"]) or None
-            last = t["steps"][-1]
-            lines.append(f"| {t['sp']} | {t['world']} | {t['fsdp2']} | {t['activation_checkpointing']} | {t['latent_frames']} | "
-                         f"{t['tokens']} ({t['tokens_per_rank']}) | {t['step_s']:.2f} | "
-                         f"{fmt(base_t['step_s'] / t['step_s'] if base_t and base_t['latent_frames'] == t['latent_frames'] else None, '.2f')}x | {t['fwd_bwd_s']:.2f} | {fmt(pa, '.1f')} | "
-                         f"{fmt(pr, '.1f')} | {last['loss']:.4g} | {last['grad_norm']:.4g} |")
+        lines += ["## One training step (teacher forcing; FSDP2 + SP over the GPUs when there are several)", ""] + md_table(
+            ("SP", "GPUs", "FSDP2", "act. ckpt", "latent frames (x2 clean/noisy)", "tokens (per rank)", "step s", "speedup",
+             "fwd+bwd s", "peak alloc GiB/GPU", "peak reserved GiB/GPU", "loss", "grad norm"),
+            ((t["sp"], t["world"], t["fsdp2"], t["activation_checkpointing"], t["latent_frames"],
+              f"{t['tokens']} ({t['tokens_per_rank']})", f"{t['step_s']:.2f}",
+              fmt(base_t["step_s"] / t["step_s"] if base_t and base_t["latent_frames"] == t["latent_frames"] else None, ".2f") + "x",
+              f"{t['fwd_bwd_s']:.2f}", fmt(peak(t, "peak_alloc_gib"), ".1f"), fmt(peak(t, "peak_reserved_gib"), ".1f"),
+              f"{t['steps'][-1]['loss']:.4g}", f"{t['steps'][-1]['grad_norm']:.4g}") for t in (p["result"] for p in train)))
         lines += ["", f"{len(train[0]['result']['steps'])} steps, the first a warm-up; step time = mean of the others "
                   "(zero_grad, forward + backward, grad-norm clip, AdamW), slowest rank. Float32 master weights, "
                   f"{train[0]['result']['autocast']} autocast (as train_ar), batch 1, AdamW; peak memory over all steps.", ""]
@@ -471,7 +388,7 @@ def main() -> None:
         torch.bfloat16 if state.device.type == "cuda" else torch.float32)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    env = environment(state, args)
+    env = run_environment(state.device, args.machine)
     log(state, f"sp_scaling: {args.preset}, world {world}, {env}")
     try:
         for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
@@ -479,7 +396,7 @@ def main() -> None:
             if part == "infer":
                 result = run_inference(args, preset, state, dtype, work)
             elif part == "train":
-                result = run_train(args, preset, state, work)
+                result = run_train(args, preset, state)
             else:
                 raise ValueError(f"unknown part {part!r}")
             result["seconds"] = now() - t0

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from longlive.bench.harness import bench_ms, max_rel, rel_l2
+from longlive.bench.harness import bench_ms, bit_exact, gbps, max_rel, rel_l2, tflops
 from longlive.bench.shapes import BenchShape
 
 
@@ -32,9 +32,9 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
         r = {"kernel": name, "resolution": shape.resolution, "max_rel_err": max_rel(got, ref), "rel_l2_err": rel_l2(got, ref),
              "kernel_ms": bench_ms(fn_kernel, device), "reference_ms": bench_ms(fn_ref, device)}
         if exact:
-            r["bit_exact"] = bool(torch.equal(got.view(torch.uint8), ref.view(torch.uint8)))
+            r["bit_exact"] = bit_exact((got, ref))
         r["speedup"] = r["reference_ms"] / r["kernel_ms"]
-        r["kernel_GBps"] = bytes_moved / (r["kernel_ms"] * 1e-3) / 1e9
+        r["kernel_GBps"] = gbps(bytes_moved, r["kernel_ms"])
         out.append(r)
         print(json.dumps(r), flush=True)
 
@@ -69,7 +69,7 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
         a = torch.randn(S, K, device=device, generator=g, dtype=torch.bfloat16)
         codes, scales = fp8_quant.quantize_rows(a)
         rc, rs = fp8_quant_ref.quantize_rows(a)
-        r_exact = bool(torch.equal(codes.view(torch.uint8), rc.view(torch.uint8)) and torch.equal(scales, rs))
+        r_exact = bit_exact((codes, rc), (scales, rs))
         record(f"fp8 row quantization K={K}", codes.float() * scales, rc.float() * rs,
                partial(fp8_quant.quantize_rows, a), partial(fp8_quant_ref.quantize_rows, a), a.numel() * 3)
         out[-1]["bit_exact"] = r_exact
@@ -80,7 +80,7 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
     rc, rs = fp8_quant_ref.quantize_tensor(a)
     record("fp8 per-tensor quantization (keys, full window)", codes.float() * scale, rc.float() * rs,
            partial(fp8_quant.quantize_tensor, a), partial(fp8_quant_ref.quantize_tensor, a), a.numel() * 5)
-    out[-1]["bit_exact"] = bool(torch.equal(codes.view(torch.uint8), rc.view(torch.uint8)) and torch.equal(scale, rs))
+    out[-1]["bit_exact"] = bit_exact((codes, rc), (scale, rs))
     del a, codes, rc
     # FP8 GEMM (torch._scaled_mm, row-wise) vs its float32 emulation and vs the bf16 linear
     if fp8_gemm_available(device):
@@ -100,7 +100,7 @@ def kernel_checks(shape: BenchShape, device: torch.device) -> list[dict]:
             r["fp8_gemm_only_ms"] = bench_ms(partial(layer._scaled_mm, qa, sa), device)
             r["fp8_quant_only_ms"] = bench_ms(partial(fp8_quant.quantize_rows, a), device)
             r["speedup"] = r["bf16_ms"] / r["fp8_ms"]
-            r["fp8_TFLOPs"] = 2 * S * K * N / (r["fp8_ms"] * 1e-3) / 1e12
+            r["fp8_TFLOPs"] = tflops(2 * S * K * N, r["fp8_ms"])
             out.append(r)
             print(json.dumps(r), flush=True)
             del lin, layer, a, y, y_emu
