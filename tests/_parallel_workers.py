@@ -15,7 +15,7 @@ import torch.distributed as dist
 from longlive.config import InferenceConfig, ParallelConfig, load_preset
 from longlive.inference.pipeline import StreamingPipeline
 from longlive.inference.schedule import PromptSchedule, stream_block_sizes
-from longlive.models.attention import KVCache, teacher_forcing_mask
+from longlive.models.attention import FrameMask, KVCache, teacher_forcing_mask
 from longlive.models.dit import WanDiT
 from longlive.parallel import init_parallel, parallelize, shutdown
 from longlive.parallel import checkpoint as dcp_ckpt
@@ -91,7 +91,13 @@ def inference_mode(state, attention: str, partition: str, pipeline: bool) -> Non
         tt = torch.cat((torch.zeros_like(t), t), dim=1)
         mask = teacher_forcing_mask(5, tokens, 2)
         kw = dict(attn_mask=mask, frame_positions=torch.arange(5).repeat(2), context_index=index.repeat(1, 2))
-        close(model(xt, tt, context, **kw), ref(xt, tt, context, **kw), "teacher forcing")
+        want = ref(xt, tt, context, **kw)
+        close(model(xt, tt, context, **kw), want, "teacher forcing")
+        # the same layout as a FrameMask: each rank's rows of it (allgather), dense and block-sparse (flex)
+        frames = mask[::tokens, ::tokens]
+        for backend in ("dense", "flex"):
+            kw["attn_mask"] = FrameMask(frames, tokens, backend=backend)
+            close(model(xt, tt, context, **kw), want, f"teacher forcing, FrameMask {backend}")
 
         # KV cache: write two blocks, then a read pass; each rank caches its own heads (ulysses)
         caches = KVCache(len(ref.blocks)), KVCache(len(ref.blocks))
@@ -142,7 +148,8 @@ def tf_loss(model: WanDiT, seed: int = 0) -> torch.Tensor:
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
     xt = torch.cat((x, noise), dim=2)
     tt = torch.cat((torch.zeros_like(t), t), dim=1)
-    out = model(xt, tt, context, attn_mask=teacher_forcing_mask(5, 16, 2), frame_positions=torch.arange(5).repeat(2),
+    mask = FrameMask(teacher_forcing_mask(5, 1, 2), 16)  # the frame table; dense on the CPU (flex has no backward)
+    out = model(xt, tt, context, attn_mask=mask, frame_positions=torch.arange(5).repeat(2),
                 context_index=index.repeat(1, 2))
     return (out[:, :, 5:] - x).pow(2).mean()
 

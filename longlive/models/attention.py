@@ -1,15 +1,21 @@
-"""Attention pieces of the causal DiT: the SDPA call, the block-causal mask and the KV cache.
+"""Attention pieces of the causal DiT: the attention call, frame-level masks and the KV cache.
 
 Tokens are laid out frame by frame (post-patch frames), ``frame_tokens`` tokens per frame. In
 block-causal attention frames are grouped in blocks of ``block_frames``; a token attends to every
 token of its own block and of earlier blocks. Block boundaries count from frame 0 of the cache.
+
+Every self-attention mask the project uses is a rule between *frames* (block-causal, teacher forcing
+with its histories, a re-cache pass): :class:`FrameMask` holds that (F_q, F_k) table and applies it
+either as a dense boolean token mask to SDPA or as a block-sparse ``BlockMask`` to FlexAttention
+(``flex_attention.md``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +23,223 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+# FlexAttention's tile, queries and keys alike: the kernel's own block, so a tile the table calls fully allowed
+# is computed without evaluating the mask. At 704x1280 a frame is 880 tokens and a block of 8 frames 7040 =
+# 55 x 128, so every tile of the 5B teacher-forcing layout is fully allowed or fully masked.
+FLEX_BLOCK = 128
+BACKENDS = ("auto", "flex", "dense")
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: "Tensor | FrameMask | None" = None) -> Tensor:
     """Scaled dot-product attention on (B, S, heads, head_dim) tensors.
 
-    ``mask`` is boolean, True where a query may attend, and broadcasts to (B, heads, S_q, S_k).
-    The one place attention is computed, so sequence parallel or kernels can wrap it.
+    ``mask``: a :class:`FrameMask`, or a boolean tensor, True where a query may attend, that broadcasts to
+    (B, heads, S_q, S_k). The one place attention is computed, so sequence parallel or kernels can wrap it.
     """
+    if isinstance(mask, FrameMask):
+        if mask.use_flex(q.device):
+            return flex(q, k, v, mask.block_mask(q.device))
+        mask = mask.dense(q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    # Compiled once per process; without compile flex_attention materialises every score (its eager reference).
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """FlexAttention on (B, S, heads, head_dim) tensors under ``block_mask``: compiled on CUDA, the eager
+    reference elsewhere. q, k, v run in v's dtype (autocast does not reach flex_attention)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        out = fn(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+class FrameMask:
+    """Self-attention allowed frame by frame: query token i may attend to key token j iff
+    ``frames[b, frame(i), frame(j)]``, where frame(t) = t // ``frame_tokens``.
+
+    ``frames``: (F_q, F_k) bool, one layout for the batch, or (B, F_q, F_k), one per sample. ``rows``: the global
+    indices of the queries this call holds (sequence parallel hands a rank its own tokens), None for all.
+    ``backend``: ``flex`` (block-sparse FlexAttention), ``dense`` (a boolean S_q x S_k mask to SDPA) or ``auto``:
+    flex on CUDA, dense elsewhere (``flex_attention.md`` says why).
+
+    One predicate, :meth:`mask_mod`, defines the mask: :meth:`dense` evaluates it on every token pair and
+    :meth:`block_mask` hands it to FlexAttention for the tiles the frame table calls partly allowed, so the two
+    paths cannot disagree. Both are built once per device and kept; keep the FrameMask of a layout to reuse them.
+    """
+
+    def __init__(self, frames: Tensor, frame_tokens: int, *, rows: Tensor | None = None, backend: str = "auto") -> None:
+        if frames.dtype != torch.bool or frames.ndim not in (2, 3):
+            raise ValueError(f"frames must be a (F_q, F_k) or (B, F_q, F_k) bool table, got {frames.dtype} "
+                             f"{tuple(frames.shape)}")
+        if frame_tokens < 1:
+            raise ValueError(f"frame_tokens must be >= 1, got {frame_tokens}")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.frames, self.frame_tokens, self.backend = frames.detach().cpu(), frame_tokens, backend
+        self.rows = None if rows is None else rows.detach().cpu().long()
+        if self.rows is not None and self.rows.numel() and int(self.rows.max()) >= self.frames.shape[-2] * frame_tokens:
+            raise ValueError(f"rows index tokens beyond the {self.frames.shape[-2] * frame_tokens} queries")
+        self._cache: dict[tuple, object] = {}
+        self._parts: list[FrameMask] | None = None  # per-sample masks this one stacks (:meth:`stack`)
+
+    @classmethod
+    def stack(cls, masks: list["FrameMask"]) -> "FrameMask":
+        """One table per sample from per-sample masks of one size; the dense mask stacks theirs (kept by them)."""
+        if len({(m.frames.shape, m.frame_tokens, m.backend) for m in masks}) != 1 or any(
+                m.batched or m.rows is not None for m in masks):
+            raise ValueError("FrameMask.stack needs unbatched masks of one size, tokens per frame and backend")
+        out = cls(torch.stack([m.frames for m in masks]), masks[0].frame_tokens, backend=masks[0].backend)
+        out._parts = masks
+        return out
+
+    @property
+    def batched(self) -> bool:
+        return self.frames.ndim == 3
+
+    @property
+    def q_len(self) -> int:
+        return self.frames.shape[-2] * self.frame_tokens if self.rows is None else self.rows.numel()
+
+    @property
+    def kv_len(self) -> int:
+        return self.frames.shape[-1] * self.frame_tokens
+
+    def with_backend(self, backend: str) -> "FrameMask":
+        return FrameMask(self.frames, self.frame_tokens, rows=self.rows, backend=backend)
+
+    def select_rows(self, index: Tensor) -> "FrameMask":
+        """The queries at ``index`` (of this mask's queries) against every key."""
+        index = index.detach().cpu().long()
+        rows = index if self.rows is None else self.rows[index]
+        return FrameMask(self.frames, self.frame_tokens, rows=rows, backend=self.backend)
+
+    def use_flex(self, device: torch.device) -> bool:
+        return self.backend == "flex" or (self.backend == "auto" and device.type == "cuda")
+
+    def mask_mod(self, device: torch.device | str) -> Callable:
+        """``(b, h, q_idx, kv_idx) -> bool``, FlexAttention's mask_mod, over this mask's tensors on ``device``."""
+        device = torch.device(device)
+        key = ("mask_mod", str(device))
+        if key not in self._cache:
+            table, T = self.frames.to(device), self.frame_tokens
+            rows = None if self.rows is None else self.rows.to(device)
+            # one plain function per case, closing over tensors and an int only: the compiled kernel takes the
+            # tensors as inputs, so another layout of the same shapes should not need a recompile
+            if rows is None and not self.batched:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[q_idx // T, kv_idx // T]
+            elif rows is None:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[b, q_idx // T, kv_idx // T]
+            elif not self.batched:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[rows[q_idx] // T, kv_idx // T]
+            else:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return table[b, rows[q_idx] // T, kv_idx // T]
+
+            self._cache[key] = mask_mod
+        return self._cache[key]
+
+    def dense(self, device: torch.device | str | None = None) -> Tensor:
+        """The boolean token mask, (S_q, S_k) or (B, 1, S_q, S_k): :meth:`mask_mod` at every token pair."""
+        device = torch.device(device or "cpu")
+        key = ("dense", str(device))
+        if key not in self._cache:
+            fn = self.mask_mod(device)
+            q = torch.arange(self.q_len, device=device)
+            k = torch.arange(self.kv_len, device=device)
+            if self._parts is not None:  # each sample's own mask, built once per layout, not per batch
+                self._cache[key] = torch.stack([m.dense(device) for m in self._parts])[:, None]
+            elif self.batched:
+                b = torch.arange(self.frames.shape[0], device=device)
+                self._cache[key] = fn(b[:, None, None], 0, q[None, :, None], k[None, None, :])[:, None]
+            else:
+                self._cache[key] = fn(0, 0, q[:, None], k[None, :])
+        return self._cache[key]
+
+    def tiles(self, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
+        """(partial, full) bool tables over (block x block) tiles, (B or 1, tiles_q, tiles_k), from the frame table.
+
+        A tile is full when every frame pair it touches is allowed and it lies inside both sequences (a tile
+        past the end counts as partial, as ``create_block_mask`` pads); partial when some pair is allowed.
+        """
+        table = (self.frames if self.batched else self.frames[None]).float()
+        q_frame = (torch.arange(self.q_len) if self.rows is None else self.rows) // self.frame_tokens
+        k_frame = torch.arange(self.kv_len) // self.frame_tokens
+
+        def touches(frame: Tensor, num_frames: int) -> Tensor:  # (tiles, frames): which frames a tile holds
+            m = torch.zeros(-(-frame.numel() // block), num_frames)
+            m[torch.arange(frame.numel()) // block, frame] = 1.0
+            return m
+
+        mq, mk = touches(q_frame, table.shape[-2]), touches(k_frame, table.shape[-1])
+        allowed = (mq @ table @ mk.T) > 0
+        denied = (mq @ (1 - table) @ mk.T) > 0
+        inside_q = torch.arange(mq.shape[0]) * block + block <= self.q_len
+        inside_k = torch.arange(mk.shape[0]) * block + block <= self.kv_len
+        full = ~denied & inside_q[:, None] & inside_k[None, :]
+        return allowed & ~full, full
+
+    def block_mask(self, device: torch.device | str):
+        """FlexAttention's ``BlockMask`` (built from the frame table, no S_q x S_k tensor), kept per device."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        device = torch.device(device)
+        key = ("block_mask", str(device))
+        if key not in self._cache:
+            partial, full = self.tiles()
+
+            def ordered(t: Tensor) -> tuple[Tensor, Tensor]:  # (num, indices) per row: allowed tiles first
+                t = t.to(torch.int32)[:, None]  # (B, 1 head, tiles_q, tiles_k)
+                idx = torch.argsort(t, dim=-1, descending=True, stable=True)
+                return t.sum(-1).to(torch.int32).to(device), idx.to(torch.int32).to(device)
+
+            self._cache[key] = BlockMask.from_kv_blocks(
+                *ordered(partial), *ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=self.mask_mod(device),
+                seq_lengths=(self.q_len, self.kv_len),
+            )
+        return self._cache[key]
+
+    def allowed_pairs(self) -> int:
+        """Query-key token pairs allowed, summed over the batch of tables (per sample when unbatched)."""
+        T = self.frame_tokens
+        if self.rows is None:
+            return int(self.frames.sum()) * T * T
+        rows_per_frame = torch.bincount(self.rows // T, minlength=self.frames.shape[-2]).float()
+        return int((rows_per_frame[:, None] * self.frames.float()).sum()) * T
+
+    def union(self) -> Tensor:
+        """(F_q, F_k): frames any sample may attend to (one partition serves the whole batch)."""
+        return self.frames.any(0) if self.batched else self.frames
+
+
+def block_causal_frames(num_frames: int, block_frames: int, *, cached_frames: int = 0) -> Tensor:
+    """(F_q, F_k) bool: ``num_frames`` query frames after ``cached_frames`` cached ones, keys the cached frames
+    followed by the query frames; a frame sees its own and earlier blocks."""
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    q_block = (cached_frames + torch.arange(num_frames)) // block_frames
+    k_frame = torch.arange(cached_frames + num_frames)
+    return k_frame[None, :] < (q_block[:, None] + 1) * block_frames
+
+
+@functools.lru_cache(maxsize=64)
+def block_causal(num_frames: int, frame_tokens: int, block_frames: int, *, cached_frames: int = 0) -> FrameMask | None:
+    """The block-causal :class:`FrameMask` (kept per layout); None when every query may see every key."""
+    frames = block_causal_frames(num_frames, block_frames, cached_frames=cached_frames)
+    return None if bool(frames.all()) else FrameMask(frames, frame_tokens)
 
 
 def block_causal_mask(
@@ -41,14 +255,25 @@ def block_causal_mask(
     Keys are the cached frames followed by the query frames. Returns None when every query may
     see every key (one block and its history), so the caller can skip the mask.
     """
-    if block_frames < 1:
-        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
-    q_block = (cached_frames + torch.arange(num_frames, device=device)) // block_frames
-    k_frame = torch.arange(cached_frames + num_frames, device=device)
-    allowed = k_frame[None, :] < (q_block[:, None] + 1) * block_frames  # (frames_q, frames_k)
-    if bool(allowed.all()):
-        return None
-    return allowed.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
+    frames = block_causal_frames(num_frames, block_frames, cached_frames=cached_frames)
+    return None if bool(frames.all()) else FrameMask(frames, frame_tokens).dense(device)
+
+
+def teacher_forcing_frames(history: Tensor, blocks: Tensor) -> Tensor:
+    """(2F, 2F) bool over ``[clean | noisy]`` frames given each frame's visible clean history (F, F).
+
+    Clean and noisy frames of block b both see the clean history of b; clean frames also see their
+    own clean block (the pass that writes the cache), noisy frames their own noisy block.
+    """
+    history, blocks = history.cpu(), blocks.cpu()
+    same = blocks[None, :] == blocks[:, None]
+    return torch.cat(
+        (
+            torch.cat((history | same, torch.zeros_like(same)), dim=1),
+            torch.cat((history, same), dim=1),
+        ),
+        dim=0,
+    )
 
 
 def teacher_forcing_mask(
@@ -63,19 +288,9 @@ def teacher_forcing_mask(
     """
     if block_frames < 1:
         raise ValueError(f"block_frames must be >= 1, got {block_frames}")
-    block = torch.arange(num_frames, device=device) // block_frames
-    q, k = block[:, None], block[None, :]
-    clean_to_clean = k <= q
-    noisy_to_clean = k < q
-    noisy_to_noisy = k == q
-    frames = torch.cat(
-        (
-            torch.cat((clean_to_clean, torch.zeros_like(clean_to_clean)), dim=1),
-            torch.cat((noisy_to_clean, noisy_to_noisy), dim=1),
-        ),
-        dim=0,
-    )  # (2F, 2F)
-    return frames.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
+    blocks = torch.arange(num_frames) // block_frames
+    history = blocks[None, :] < blocks[:, None]
+    return FrameMask(teacher_forcing_frames(history, blocks), frame_tokens).dense(device)
 
 
 def cached_history(
@@ -113,20 +328,8 @@ def cached_history(
 
 
 def teacher_forcing_mask_from_history(history: Tensor, blocks: Tensor, frame_tokens: int) -> Tensor:
-    """(2S, 2S) mask over ``[clean | noisy]`` given each frame's visible clean history (F, F).
-
-    Clean and noisy frames of block b both see the clean history of b; clean frames also see their
-    own clean block (the pass that writes the cache), noisy frames their own noisy block.
-    """
-    same = blocks[None, :] == blocks[:, None]
-    frames = torch.cat(
-        (
-            torch.cat((history | same, torch.zeros_like(same)), dim=1),
-            torch.cat((history, same), dim=1),
-        ),
-        dim=0,
-    )
-    return frames.repeat_interleave(frame_tokens, dim=0).repeat_interleave(frame_tokens, dim=1)
+    """(2S, 2S) dense mask over ``[clean | noisy]`` of :func:`teacher_forcing_frames` (the SDPA reference)."""
+    return FrameMask(teacher_forcing_frames(history, blocks), frame_tokens).dense(history.device)
 
 
 class KVCache:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longlive.config import DiTConfig
-from longlive.models.attention import KVCache, attention, block_causal_mask
+from longlive.models.attention import FrameMask, KVCache, attention, block_causal
 from longlive.models.rope import apply_rope, rope_freqs
 
 
@@ -84,7 +84,7 @@ class Attention(nn.Module):
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         key_rope: tuple[Tensor, Tensor] | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | FrameMask | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
@@ -116,7 +116,7 @@ class AttentionCore(nn.Module):
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         key_rope: tuple[Tensor, Tensor] | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | FrameMask | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
@@ -215,7 +215,7 @@ class WanDiT(nn.Module):
         kv_cache: KVCache | None = None,
         frame_offset: int = 0,
         context_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: FrameMask | Tensor | None = None,
         frame_positions: Tensor | None = None,
         context_index: Tensor | None = None,
     ) -> Tensor:
@@ -231,7 +231,8 @@ class WanDiT(nn.Module):
         frame_offset: absolute (post-patch) frame index of x's first frame, for RoPE.
         frame_positions: explicit RoPE position of each post-patch frame, (f,) or (B, f); overrides
             ``frame_offset`` (teacher forcing gives a noisy frame the position of its clean copy).
-        attn_mask: explicit (S_q, S_k) boolean self-attention mask; overrides ``block_frames``.
+        attn_mask: the self-attention mask, a :class:`FrameMask` (block-sparse where the device allows) or a
+            boolean tensor broadcasting to (B, heads, S_q, S_k); overrides ``block_frames``.
         """
         B, _, nf, nh, nw = x.shape
         pt, ph, pw = self.cfg.patch_size
@@ -253,7 +254,7 @@ class WanDiT(nn.Module):
         temb, e = self.embed_timestep(timestep, f, dtype=context.dtype)
         cached = kv_cache.num_frames if kv_cache is not None else 0
         if attn_mask is None and block_frames is not None:
-            attn_mask = block_causal_mask(f, h * w, block_frames, cached_frames=cached, device=x.device)
+            attn_mask = block_causal(f, h * w, block_frames, cached_frames=cached)
 
         for i, block in enumerate(self.blocks):
             x = block(

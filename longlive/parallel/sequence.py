@@ -11,8 +11,8 @@ block each rank of the SP group holds only its tokens (a :class:`~longlive.paral
     block-causal / teacher-forcing mask -- and a second all-to-all turns the output back. Needs
     ``num_heads % sp == 0``.
   - ``allgather``: K and V are all-gathered (all heads); each rank attends its own queries (the
-    mask's rows and RoPE of its tokens) to every key. Any head count; the cache holds all K/V on
-    every rank; per-rank work depends on the partition (see :mod:`longlive.parallel.partition`).
+    mask's rows -- a :class:`FrameMask` restricted to them -- and RoPE of its tokens) to every key.
+    Any head count; the cache holds all K/V on every rank; per-rank work depends on the partition (see :mod:`longlive.parallel.partition`).
 * cross-attention and the MLPs are per token: they run on local tokens with no communication;
 * after the last block the tokens are all-gathered, so the head and the caller see the full output
   on every rank -- samplers, KV-cache bookkeeping and losses stay exactly as in one process.
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from longlive.models.attention import block_causal_mask
+from longlive.models.attention import FrameMask, block_causal_frames
 from longlive.models.dit import AttentionCore, WanDiT
 from longlive.parallel.partition import (
     Partition,
@@ -108,11 +108,13 @@ def _layout(partition: Partition, rank: int, device: torch.device) -> Layout:
                   torch.argsort(order).to(device), frames)
 
 
-def _frame_mask(mask: Tensor | None, frame_tokens: int) -> Tensor | None:
-    """(F_q, F_k) frame-level view of a token mask whose blocks are whole frames; a per-sample mask
-    (B, 1, S_q, S_k) gives the union over the batch (one partition serves the whole batch)."""
+def _frame_mask(mask: FrameMask | Tensor | None, frame_tokens: int) -> Tensor | None:
+    """(F_q, F_k) frame-level view of a mask whose blocks are whole frames; a per-sample mask gives the
+    union over the batch (one partition serves the whole batch)."""
     if mask is None:
         return None
+    if isinstance(mask, FrameMask):
+        return mask.union()
     frames = mask[..., ::frame_tokens, ::frame_tokens].cpu()
     return frames.reshape(-1, *frames.shape[-2:]).any(0) if frames.ndim > 2 else frames
 
@@ -185,6 +187,7 @@ class SequenceParallel:
         self.layout: Layout | None = None
         self._layouts: OrderedDict[tuple, Layout] = OrderedDict()  # a few shapes recur: LRU of MAX_LAYOUTS
         self._memo: dict[int, tuple[Tensor, Tensor]] = {}  # id(full tensor) -> (full, sliced), one forward
+        self._mask_rows: OrderedDict[tuple[int, int], tuple] = OrderedDict()  # (mask, layout) -> this rank's rows
         self._handles: list[RemovableHandle] = []
         self._cores: list[tuple[nn.Module, AttentionCore]] = []
 
@@ -211,6 +214,19 @@ class SequenceParallel:
             hit = (t, t.index_select(dim, self.layout.index))
             self._memo[id(t)] = hit
         return hit[1]
+
+    def mask_rows(self, mask: FrameMask) -> FrameMask:
+        """``mask`` restricted to this rank's queries, kept per (mask, layout) so that its dense mask or
+        ``BlockMask`` is built once, not per layer and step."""
+        key = (id(mask), id(self.layout))
+        hit = self._mask_rows.get(key)
+        if hit is None or hit[0] is not mask or hit[1] is not self.layout:  # ids of freed objects are reused
+            hit = (mask, self.layout, mask.select_rows(self.layout.index))
+            self._mask_rows[key] = hit
+            while len(self._mask_rows) > MAX_LAYOUTS:
+                self._mask_rows.popitem(last=False)
+        self._mask_rows.move_to_end(key)
+        return hit[2]
 
     # -- exchanges (B first, tokens at dim 1) -------------------------------------------------------
 
@@ -250,7 +266,8 @@ class SequenceParallel:
         frame_mask = _frame_mask(kwargs.get("attn_mask"), tokens) if self.uses_mask else None
         if frame_mask is None and self.uses_mask and kwargs.get("block_frames") is not None:
             cache = kwargs.get("kv_cache")
-            frame_mask = block_causal_mask(f, 1, kwargs["block_frames"], cached_frames=cache.num_frames if cache else 0)
+            frame_mask = block_causal_frames(f, kwargs["block_frames"], cached_frames=cache.num_frames if cache else 0)
+            frame_mask = None if bool(frame_mask.all()) else frame_mask  # one block and its history: no mask
         self.set_layout(f, tokens, frame_mask, x.device)
 
     def _pre_block(self, block: nn.Module, args: tuple, kwargs: dict, *, first: bool):
@@ -310,7 +327,9 @@ class _SPAttention(nn.Module):
         if rope is not None:
             key_rope = key_rope or rope
             rope = tuple(sp._rows(t, t.ndim - 3) for t in rope)  # tables are (..., S, 1, d / 2)
-        if mask is not None:
+        if isinstance(mask, FrameMask):
+            mask = sp.mask_rows(mask)
+        elif mask is not None:
             mask = sp._rows(mask, mask.ndim - 2)
         return self.inner(q, k, v, rope=rope, key_rope=key_rope, mask=mask, kv_cache=kv_cache, layer=layer)
 

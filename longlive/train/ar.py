@@ -6,8 +6,8 @@ block may be shorter). One training sequence is the clip twice, ``[clean x0 | no
 
 * RoPE frame positions ``[0..F-1, 0..F-1]``: a noisy frame sits where its clean copy sits;
 * timesteps ``[0 ... 0 | t_block ...]``: each noisy block has its own noise level;
-* attention ``teacher_forcing_mask``: clean block i sees clean blocks <= i (what the KV cache holds
-  at inference), noisy block i sees clean blocks < i and itself;
+* attention ``teacher_forcing_frames`` (a :class:`FrameMask`): clean block i sees clean blocks <= i
+  (what the KV cache holds at inference), noisy block i sees clean blocks < i and itself;
 * loss: flow matching (target ``noise - x0``) on the noisy half only.
 
 With ``window_frames`` set, "earlier blocks" narrows to what the streaming cache holds for the block:
@@ -62,7 +62,7 @@ from longlive.data.validate import require_validated
 from longlive.io import file_stamp
 from longlive.device import resolve_device
 from longlive.diffusion import flow
-from longlive.models.attention import cached_history, teacher_forcing_mask_from_history
+from longlive.models.attention import FrameMask, cached_history, teacher_forcing_frames
 from longlive.models.dit import WanDiT
 from longlive.inference.build import build_dit
 from longlive.models.checkpoint import DIT_DIR, write_trained
@@ -93,12 +93,11 @@ def clip_block_sizes(num_frames: int, block_frames: int, independent_first_frame
     return torch.bincount(frame_blocks(num_frames, block_frames, independent_first_frame)).tolist()
 
 
-def attention_mask(
-    num_frames: int, frame_tokens: int, block_frames: int, independent_first_frame: bool = False,
-    device: torch.device | str | None = None, *, shots: Tensor | None = None, sink_frames: int = 0,
-    window_frames: int | None = None, multishot_sink: bool = True,
+def attention_frames(
+    num_frames: int, block_frames: int, independent_first_frame: bool = False, *, shots: Tensor | None = None,
+    sink_frames: int = 0, window_frames: int | None = None, multishot_sink: bool = True,
 ) -> Tensor:
-    """(2S, 2S) teacher-forcing mask over ``[clean | noisy]`` for the block layout above.
+    """(2F, 2F) bool: which frames of ``[clean | noisy]`` each frame attends to, for the block layout above.
 
     Each block sees the clean frames the streaming cache would hold for it (``cached_history``): all
     earlier blocks, or with ``window_frames`` the sink + window view, so a clip longer than sink +
@@ -107,36 +106,56 @@ def attention_mask(
     blocks = frame_blocks(num_frames, block_frames, independent_first_frame)
     history = cached_history(blocks, shots, sink_frames=sink_frames, window_frames=window_frames,
                              multishot_sink=multishot_sink)
-    return teacher_forcing_mask_from_history(history, blocks, frame_tokens).to(device)
+    return teacher_forcing_frames(history, blocks)
+
+
+def attention_mask(
+    num_frames: int, frame_tokens: int, block_frames: int, independent_first_frame: bool = False,
+    device: torch.device | str | None = None, **history,
+) -> Tensor:
+    """(2S, 2S) dense boolean mask of :func:`attention_frames` (``history``: its keyword arguments), the SDPA
+    reference that the block-sparse path is tested against."""
+    frames = attention_frames(num_frames, block_frames, independent_first_frame, **history)
+    return FrameMask(frames, frame_tokens).dense(device)
 
 
 class ClipMasks:
-    """The teacher-forcing mask of a batch: one shared mask, or one per clip when it depends on the shots
-    (a windowed view with a sink re-anchored per shot); masks are cached by the clip's shot starts."""
+    """The teacher-forcing :class:`FrameMask` of a batch: one shared mask, or one table per clip when it depends on
+    the shots (a windowed view with a sink re-anchored per shot). Masks are kept by layout (the clips' shot starts),
+    so each builds its dense mask or FlexAttention ``BlockMask`` once."""
 
     def __init__(self, cfg: ARConfig, variant: ARVariantConfig, num_frames: int, frame_tokens: int,
-                 device: torch.device) -> None:
-        self.cfg, self.variant, self.F, self.tokens, self.device = cfg, variant, num_frames, frame_tokens, device
+                 backend: str = "auto", max_batched: int = 64) -> None:
+        self.cfg, self.variant, self.F, self.tokens, self.backend = cfg, variant, num_frames, frame_tokens, backend
         self.per_clip = cfg.window_frames is not None and cfg.sink_frames > 0
-        self._masks: dict[tuple[int, ...], Tensor] = {}
+        self.max_batched = max_batched
+        self._layouts: dict[tuple[int, ...], FrameMask] = {}  # one clip's layout -> its mask
+        self._batches: OrderedDict[tuple, FrameMask] = OrderedDict()  # per-clip layouts of a batch: LRU of max_batched
 
-    def _mask(self, shot_starts: tuple[int, ...]) -> Tensor:
-        if shot_starts not in self._masks:
+    def layout(self, shot_starts: tuple[int, ...]) -> FrameMask:
+        if shot_starts not in self._layouts:
             c = self.cfg
-            self._masks[shot_starts] = attention_mask(
-                self.F, self.tokens, c.block_frames, self.variant.independent_first_frame, self.device,
+            frames = attention_frames(
+                self.F, c.block_frames, self.variant.independent_first_frame,
                 shots=shot_index(list(shot_starts), self.F), sink_frames=c.sink_frames,
                 window_frames=c.window_frames, multishot_sink=c.multishot_sink,
             )
-        return self._masks[shot_starts]
+            self._layouts[shot_starts] = FrameMask(frames, self.tokens, backend=self.backend)
+        return self._layouts[shot_starts]
 
-    def __call__(self, clips: list[Clip]) -> Tensor:
+    def __call__(self, clips: list[Clip]) -> FrameMask:
         if not self.per_clip:
-            return self._mask((0,))
-        masks = [self._mask(tuple(c.shot_starts)) for c in clips]
+            return self.layout((0,))
+        masks = [self.layout(tuple(c.shot_starts)) for c in clips]
         if all(m is masks[0] for m in masks):
-            return masks[0]
-        return torch.stack(masks)[:, None]  # (B, 1, 2S, 2S): broadcasts over heads
+            return masks[0]  # one table for the batch (it broadcasts)
+        key = tuple(tuple(c.shot_starts) for c in clips)
+        if key not in self._batches:
+            self._batches[key] = FrameMask.stack(masks)  # (B, 2F, 2F): per sample
+            while len(self._batches) > self.max_batched:
+                self._batches.popitem(last=False)
+        self._batches.move_to_end(key)
+        return self._batches[key]
 
 
 def max_block_position(num_frames: int, block_frames: int, independent_first_frame: bool = False) -> int:
@@ -326,7 +345,7 @@ def masked_flow_loss(pred: Tensor, batch: TFBatch) -> Tensor:
     return (err * batch.loss_mask).sum() / batch.loss_mask.sum().clamp_min(1.0)
 
 
-def tf_forward(model: WanDiT, batch: TFBatch, mask: Tensor) -> Tensor:
+def tf_forward(model: WanDiT, batch: TFBatch, mask: FrameMask | Tensor) -> Tensor:
     return model(batch.x, batch.timestep, batch.context, attn_mask=mask,
                  frame_positions=batch.frame_positions, context_index=batch.context_index)
 
@@ -415,7 +434,7 @@ def train_ar(
     C, F, h, w = data.first().latents.shape
     if (C, F, h, w) != preset.latent_shape:
         raise ValueError(f"shard latents are {(C, F, h, w)}, the preset expects {preset.latent_shape}; re-encode")
-    masks = ClipMasks(cfg, variant, F, model.tokens_per_frame(h, w), device)
+    masks = ClipMasks(cfg, variant, F, model.tokens_per_frame(h, w))
     ema = EMA(model, cfg.ema.decay, cfg.ema.start_step)
 
     def loss_fn(step: int, g: torch.Generator):
@@ -491,7 +510,7 @@ def eval_tf_loss(
 
 
 __all__ = [
-    "frame_blocks", "clip_block_sizes", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
+    "frame_blocks", "clip_block_sizes", "attention_frames", "attention_mask", "ClipMasks", "max_block_position", "step_sigmas", "sample_block_sigmas", "shot_index",
     "Clip", "ShardClips", "collate", "TFBatch", "build_batch", "masked_flow_loss", "tf_forward",
     "train_ar", "inference_config", "ARResult",
 ]

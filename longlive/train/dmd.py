@@ -256,7 +256,7 @@ def train_dmd(
 
     tf_cfg = preset.ar.model_copy(update={"denoising_steps": steps, "timestep_shift": cfg.timestep_shift})
     C, F, h, w = data.first().latents.shape
-    masks = ClipMasks(preset.ar, variant_cfg, F, generator.tokens_per_frame(h, w), device)
+    masks = ClipMasks(preset.ar, variant_cfg, F, generator.tokens_per_frame(h, w))
 
     def loss_fn(step: int, g: torch.Generator):
         clips, context = draw(cfg.train.batch_size, g)
