@@ -55,10 +55,32 @@ def make_project(dest: Path) -> Path:
         "# @package _global_\n" + yaml.safe_dump({"preset": "tiny", "presets": {"tiny": tiny}}, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "core.analytics", "false"], dest)
-    for key, value in (("hydra.enabled", "true"), ("hydra.plugins_path", "conf")):  # as the repository's .dvc/config
-        run(["dvc", "config", key, value], dest)
+    # what `dvc config core.analytics false`, `hydra.enabled true` and `hydra.plugins_path conf` (as the repository's
+    # .dvc/config) write, without three more dvc processes per project
+    (dest / ".dvc/config").write_text("[core]\n    analytics = false\n[hydra]\n    enabled = true\n    plugins_path = conf\n")
     return dest
+
+
+class SharedBuild:
+    """One fast project a session builds once and its tests copy: the pipeline tests assert on the same DAG's
+    outputs, and each building its own cost minutes of identical training (issue 18). ``copy(dest, *targets)``
+    runs ``dvc repro TARGETS`` (every stage when none) in the shared project unless an earlier call built it,
+    then copies the project to ``dest``: a test that reruns stages or edits params changes its copy alone,
+    and the shared one stays as `dvc repro` left it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._built: set[tuple[str, ...]] = set()
+
+    def copy(self, dest: Path, *targets: str) -> Path:
+        if not self.path.exists():
+            make_project(self.path)
+        if () not in self._built and targets not in self._built:  # `dvc repro` alone builds every target
+            run(["dvc", "repro", *targets], self.path)
+            self._built.add(targets)
+        # copy2 keeps mtimes; DVC re-hashes the copy (its state is keyed by path) and finds the recorded bytes
+        shutil.copytree(self.path, dest, symlinks=True)
+        return dest
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

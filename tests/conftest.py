@@ -38,6 +38,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory):
+    """The fast project (tests/_project.py), built once per session as far as its tests ask:
+    ``built_project.copy(dest, "evaluate")`` is a copy of it after `dvc repro evaluate`."""
+    from _project import SharedBuild
+
+    return SharedBuild(tmp_path_factory.mktemp("built") / "proj")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,16 +5,14 @@ import json
 
 import pytest
 
-from _project import make_project, run
+from _project import run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    path = make_project(tmp_path_factory.mktemp("proj"))
-    run(["dvc", "repro"], path)
-    return path
+def project(built_project, tmp_path_factory):
+    return built_project.copy(tmp_path_factory.mktemp("proj") / "proj")  # after `dvc repro`: every stage
 
 
 def test_repro_produces_every_stage_output(project):

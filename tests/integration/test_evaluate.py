@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from _project import make_project, run
+from _project import run
 from _wandb_runs import offline_runs
 from test_prefect_flow import prefect_env  # noqa: F401 - the local Prefect server fixture
 
@@ -19,10 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    path = make_project(tmp_path_factory.mktemp("evalproj"))
-    run(["dvc", "repro", "evaluate"], path)  # evaluate and only what it depends on
-    return path
+def project(built_project, tmp_path_factory):
+    # after `dvc repro evaluate` (the session's full `dvc repro`, where test_dvc_dag ran first)
+    return built_project.copy(tmp_path_factory.mktemp("evalproj") / "proj", "evaluate")
 
 
 def evaluate_params(project) -> dict:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from _project import make_project, run
+from _project import run
 from conftest import validate_into
 from longlive.config import DiTConfig
 from longlive.data.encode import encode_dataset
@@ -189,9 +189,8 @@ def test_loss_goes_down_and_the_export_is_the_ema(tiny_preset, shards, record, t
 
 
 @pytest.mark.slow
-def test_stage_runs_end_to_end_in_a_tmp_project(tmp_path):
-    project = make_project(tmp_path / "proj")
-    run(["dvc", "repro", "train_ar"], project)
+def test_stage_runs_end_to_end_in_a_tmp_project(built_project, tmp_path):
+    project = built_project.copy(tmp_path / "proj", "train_ar")  # the session's shared `dvc repro train_ar`
     for v, blocks in (("t2v", [2, 2, 2, 2, 1]), ("i2v", [1, 2, 2, 2, 2])):
         load_dit(project / "models/ar" / v / "dit")
         assert json.loads((project / "models/ar" / v / AR_CONFIG_NAME).read_text())["train_block_sizes"] == blocks
