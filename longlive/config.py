@@ -738,6 +738,11 @@ class EvaluateConfig(_Strict):
     samples: StrictInt = Field(default=1, ge=0, description="sample mp4s per evaluation and variant")
     seed: StrictInt = 0
     threads: StrictInt | None = Field(default=1, ge=1, description="torch CPU threads (1 is fastest for tiny models on shared cores)")
+    workers: StrictInt = Field(
+        default=1, ge=1,
+        description="variants evaluated at once on the CPU, each in its own process with `threads` threads: a "
+        "variant's figures do not depend on it (its timing does); on a GPU, or under torchrun, the variants run one "
+        "after another")
     speed: EvalSpeedConfig = EvalSpeedConfig()
     vbench: EvalVBenchConfig = EvalVBenchConfig()
 

@@ -10,6 +10,7 @@ sample videos and the resolved settings as config; offline under ``.work/evaluat
 ``WANDB_MODE=online`` (``disabled``: no record).
 """
 
+import functools
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ import torch
 from longlive.eval.suite import SAMPLES_DIR, EvaluateError, run_evaluate
 from longlive.eval.tracking import log_results
 from longlive.tracking import wandb_mode
-from stages._common import setup
+from stages._common import configure_logging, setup
 
 OUT = Path("reports/evaluate")
 WORK = Path(".work/evaluate")  # VBench's scratch and the offline wandb runs; outside DVC's outs
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         device, parallel, is_main, close = _parallel(preset, names)
     try:
         results = run_evaluate(preset, out_dir=OUT, base_dir=Path("models/base"), names=names or None, device=device,
-                               parallel=parallel, write=is_main, work_dir=WORK)
+                               parallel=parallel, write=is_main, work_dir=WORK,
+                               worker_init=functools.partial(configure_logging, "evaluate"))
     except EvaluateError as e:
         sys.exit(f"evaluate: {e}")
     finally:

@@ -31,9 +31,13 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -348,9 +352,11 @@ def run_evaluate(
     preset: Preset, *, out_dir: str | os.PathLike = "reports/evaluate", base_dir: str | os.PathLike = "models/base",
     names: list[str] | None = None, device: str | None = None, parallel: ParallelState | None = None,
     write: bool = True, work_dir: str | os.PathLike | None = None, clips_dir: str | os.PathLike = "data/ingest",
+    worker_init: Callable[[], None] | None = None,
 ) -> dict[str, VariantResult]:
     """Evaluate ``names`` (default: every variant of ``preset.evaluate``) and write the outputs; ``parallel``: see
-    :func:`evaluate_variant`."""
+    :func:`evaluate_variant`. With ``evaluate.workers > 1`` on the CPU the variants are spread over that many
+    processes; ``worker_init`` (picklable) sets up each one's logging as the caller's own."""
     cfg = preset.evaluate
     if not cfg.variants:
         raise EvaluateError(f"presets.{preset.name}.evaluate.variants is empty; add e.g. "
@@ -360,14 +366,45 @@ def run_evaluate(
     if unknown:
         raise EvaluateError(f"unknown variants {unknown}; evaluate.variants has {list(cfg.variants)}")
     out_dir = Path(out_dir)
-    results = {}
-    for name in names:
-        results[name] = evaluate_variant(
-            name, cfg.variants[name], preset, cfg, base_dir=base_dir, device=device, parallel=parallel,
-            samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir, clips_dir=clips_dir)
+    jobs = {name: dict(name=name, variant=cfg.variants[name], preset=preset, cfg=cfg, base_dir=base_dir, device=device,
+                       samples_dir=out_dir / SAMPLES_DIR / name if write else None, work_dir=work_dir,
+                       clips_dir=clips_dir) for name in names}
+    workers = min(cfg.workers, len(names))
+    if workers > 1 and (parallel is not None or resolve_device(device or preset.device).type != "cpu"):
+        log.info("evaluate.workers %d: the variants run one after another (workers are CPU processes; this run "
+                 "uses %s)", cfg.workers, "torchrun" if parallel is not None else "a GPU")
+        workers = 1
+    if workers > 1:
+        results = _evaluate_in_processes(jobs, workers, threads=cfg.threads or preset.cpu_threads, init=worker_init)
+    else:
+        results = {name: evaluate_variant(**job, parallel=parallel) for name, job in jobs.items()}
     if write:
         write_outputs(results, preset, out_dir)
     return results
+
+
+def _worker_start(threads: int | None, init: Callable[[], None] | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)  # as the stage process would: a variant's bits do not depend on the pool
+    if init is not None:
+        init()
+
+
+def _evaluate_in_processes(jobs: dict[str, dict], workers: int, *, threads: int | None,
+                           init: Callable[[], None] | None) -> dict[str, VariantResult]:
+    """Each variant in a process of a pool of ``workers``: a variant's evaluation seeds everything it draws from
+    ``evaluate.seed``, so its figures equal a one-process run's; only timing and memory see the neighbour.
+    The standard library's pool is enough here (one machine, independent jobs, results back as objects); "spawn",
+    since forking a process whose torch has started its OpenMP threads can hang."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_start,
+                             initargs=(threads, init)) as pool:
+        futures = {name: pool.submit(evaluate_variant, **job) for name, job in jobs.items()}
+        try:
+            return {name: f.result() for name, f in futures.items()}
+        except BrokenProcessPool as e:
+            raise EvaluateError(f"an evaluate worker process died ({e}); rerun with evaluate.workers: 1 to see "
+                                f"the error in this process (a worker killed for memory needs fewer workers)") from e
 
 
 def write_outputs(results: dict[str, VariantResult], preset: Preset, out_dir: str | os.PathLike) -> None:

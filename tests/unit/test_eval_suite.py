@@ -113,3 +113,64 @@ def test_multi_process_preset_relaunches_the_stage_under_torchrun(monkeypatch):
         stage._parallel(preset, ["ar_t2v"])
     cmd = e.value.args[0]
     assert "--nproc_per_node=2" in cmd and cmd[-3:] == ["-m", "stages.evaluate", "ar_t2v"]
+
+
+TIMING = {"fps", "fps_median", "first_chunk_latency_s", "first_chunk_latency_median_s", "peak_memory_mb", "runtime_s"}
+
+
+def test_variants_spread_over_worker_processes_give_the_one_process_figures(tmp_path):
+    """evaluate.workers: each variant in its own process draws what it draws from evaluate.seed, so every figure
+    but timing and memory equals a one-process run's, variant by variant and in the configured order."""
+    import shutil
+
+    from _tiny_models import save_tiny_base
+
+    preset = load_preset("tiny")
+    base = save_tiny_base(preset, tmp_path / "base")
+    variants = {}
+    for kind in ("t2v", "i2v"):  # the untrained teacher as an AR student of either kind
+        ck = tmp_path / kind
+        shutil.copytree(base / "dit", ck / "dit")
+        (ck / "ar_config.json").write_text(json.dumps({"i2v": kind == "i2v", "block_frames": 2, "sink_frames": 1,
+                                                       "window_frames": 3}))
+        variants[f"ar_{kind}"] = EvalVariantConfig(checkpoint=str(ck), kind=kind)
+    speed = preset.evaluate.speed.model_copy(update={"runs": 1, "warmup": 0, "length_factor": 1})
+    vbench = preset.evaluate.vbench.model_copy(update={"dimensions": []})
+    cfg = preset.evaluate.model_copy(update={"variants": variants, "num_prompts": 2, "num_multishot": 1, "num_drift": 1,
+                                             "length_factor": 2, "samples": 0, "speed": speed, "vbench": vbench})
+    runs = {}
+    for workers in (1, 2):
+        p = preset.model_copy(update={"evaluate": cfg.model_copy(update={"workers": workers})})
+        runs[workers] = run_evaluate(p, base_dir=base, write=False, device="cpu")
+    assert list(runs[2]) == list(runs[1]) == ["ar_t2v", "ar_i2v"]
+    for name in runs[1]:
+        one, two = runs[1][name].metrics, runs[2][name].metrics
+        same = {k for k in one if k not in TIMING and k != "info"}
+        assert same and {k: one[k] for k in same} == {k: two[k] for k in same}, name
+        assert one["score"] == two["score"]
+
+
+def test_a_worker_that_dies_is_one_error_naming_the_fix(monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import longlive.eval.suite as suite
+
+    class Pool:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, **kwargs):
+            class F:
+                def result(self):
+                    raise BrokenProcessPool("a child process terminated abruptly")
+            return F()
+
+    monkeypatch.setattr(suite, "ProcessPoolExecutor", Pool)
+    with pytest.raises(EvaluateError, match="evaluate worker process died .* evaluate.workers: 1"):
+        suite._evaluate_in_processes({"a": {}, "b": {}}, 2, threads=1, init=None)
