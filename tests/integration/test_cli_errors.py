@@ -258,8 +258,11 @@ def test_ctrl_c_mid_generation_leaves_no_video(base, tmp_path):
     hidden temporary name beside it and renamed only when complete; the timings JSON is written after it)."""
     out = tmp_path / "out" / "video.mp4"
     args = generate_args(base, tmp_path, seconds="600")  # far longer than the test waits: still running when hit
+    # SIGINT back to its default in the child: a runner that starts jobs in the background (nohup, `cmd &` in a
+    # script) passes SIGINT ignored, and Python then never raises KeyboardInterrupt (seen: exit 0 after the signal)
     proc = subprocess.Popen([sys.executable, "-m", "longlive.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240  # a hang guard, not a speed check
         while not list(out.parent.glob(".video.tmp-*")):  # ffmpeg's file exists once the first block is decoded
