@@ -256,9 +256,10 @@ class WanDiT(nn.Module):
         if attn_mask is None and block_frames is not None:
             attn_mask = block_causal(f, h * w, block_frames, cached_frames=cached)
 
-        if (isinstance(attn_mask, FrameMask) and attn_mask.use_flex(x.device)
-                and getattr(self, "sequence_parallel", None) is None):
-            # the BlockMask itself, so compiled blocks take a tensor-like input instead of tracing FrameMask's cache
+        if (getattr(self, "compiled_blocks", False) and isinstance(attn_mask, FrameMask)
+                and attn_mask.use_flex(x.device)):
+            # compiled blocks (longlive.parallel.training) take the BlockMask itself instead of tracing FrameMask's
+            # cache; everything else (sequence parallel cuts the FrameMask to its rows) keeps the FrameMask
             attn_mask = attn_mask.block_mask(x.device)
         for i, block in enumerate(self.blocks):
             # ``layer`` only with a cache: compiled blocks would specialise (and recompile) on each block's index

@@ -30,8 +30,12 @@ def checkpoint_blocks(model: WanDiT) -> WanDiT:
 def compile_blocks(model: WanDiT) -> WanDiT:
     """``torch.compile`` every block of ``model.blocks`` in place (``nn.Module.compile``: parameter names and the
     module tree stay as they are). After :func:`checkpoint_blocks`, the checkpointed region is what compiles."""
+    if getattr(model, "sequence_parallel", None) is not None:
+        raise ValueError("compile_blocks: a sequence-parallel DiT keeps its blocks eager (its attention cuts the "
+                         "FrameMask per rank); set compile: false with parallel.sp > 1")
     for block in model.blocks:
         block.compile()
+    model.compiled_blocks = True  # WanDiT.forward then hands the blocks FlexAttention's BlockMask
     return model
 
 
