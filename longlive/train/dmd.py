@@ -327,19 +327,11 @@ def export(generator: WanDiT, cfg: DMDConfig, ar_config: dict, steps: list[int],
     if has_lora(generator):
         save_adapter(generator, cfg.lora, out_dir)
     if critic is not None:
-        save_dit(unwrap_checkpointing(critic), out_dir / CRITIC_DIR)
+        save_dit(critic, out_dir / CRITIC_DIR)  # the checkpoint wrapper's state-dict hooks keep the plain names
     student_config = {**ar_config, "denoising_steps": list(steps), "timestep_shift": cfg.timestep_shift,
                       "denoising_sigmas": [round(s, 6) for s in flow.step_list_sigmas(steps, cfg.timestep_shift).tolist()],
                       "distilled": "dmd", "ar_denoising_steps": ar_config["denoising_steps"], "qat": qat}
     write_trained(out_dir, student_config)
-
-
-def unwrap_checkpointing(model: WanDiT) -> WanDiT:
-    """A copy without activation-checkpoint wrappers (their module names would leak into the checkpoint)."""
-    plain = copy.deepcopy(model)
-    for i, block in enumerate(plain.blocks):
-        plain.blocks[i] = getattr(block, "_checkpoint_wrapped_module", block)
-    return plain
 
 
 __all__ = ["train_dmd", "dmd_step_losses", "DMDModels", "PromptDraw", "layout_from_ar_config", "first_shot_batch",
