@@ -55,6 +55,7 @@ def markdown(res: dict) -> str:
                      f"{v['pixel_frames_per_block']} frames of {v['frame_shape'][0]}x{v['frame_shape'][1]}), "
                      f"{v['frames_per_call']} latent frame(s) per call, fused norm kernels {v['kernels']}: "
                      f"{1e3 * v['block_decode_s']:.0f} ms ({v['pixel_frames_per_block'] / v['block_decode_s']:.1f} FPS alone"
+                     + (f"; {v['block_tflop']:.1f} TFLOP per block, {v['tflops']:.0f} TFLOP/s" if "block_tflop" in v else "")
                      + (f"; peak {v['peak_mem_gib']:.1f} GiB)" if v.get("peak_mem_gib") is not None else ")"))
     for resolution, profiles in res.get("vae_profile", {}).items():
         for kern, v in profiles.items():

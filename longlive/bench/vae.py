@@ -65,6 +65,29 @@ def build_vae(preset: Preset, device: torch.device):
         f"{'x'.join(map(str, c.compression))}), random weights, bf16")
 
 
+def decode_tflop(decoder, shape: BenchShape) -> float:
+    """FLOPs (in TFLOP) of one steady block's streaming decode, counted by torch's FlopCounterMode on a meta-device
+    copy of ``decoder`` (no memory, no kernels): the convolutions' work, which bounds the decode from below at the
+    GPU's matmul rate. At 704x1280 the Wan2.2 VAE needs ~531 TFLOP per 32-frame block."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # a copy whose tensors live on the meta device (the memo hands deepcopy them instead of copying the real ones)
+    memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+            for t in [*decoder.parameters(), *decoder.buffers()]}
+    meta = copy.deepcopy(decoder, memo)
+    dec = streaming(meta, 1)
+    z = torch.zeros(1, shape.z_dim, 1 + shape.block_frames, shape.lat_h, shape.lat_w, device="meta",
+                    dtype=torch.bfloat16)
+    with torch.no_grad():
+        dec.decode(z[:, :, :1])  # the video's first frame (its own path), then one steady block
+        with FlopCounterMode(display=False) as counter:
+            dec.decode(z[:, :, 1:])
+    return counter.get_total_flops() / 1e12
+
+
 def vae_block_time(vae, shape: BenchShape, device: torch.device, blocks: int = 3, frames_per_call: int = 1,
                    kernels: bool = False, profile: bool = False) -> dict:
     """Streaming decode of ``blocks`` blocks of ``block_frames`` latent frames; the first block (with the
@@ -92,8 +115,10 @@ def vae_block_time(vae, shape: BenchShape, device: torch.device, blocks: int = 3
                 times.append(now() - t0)
             n_frames = frames.shape[0]
     steady = times[1:] or times
+    tflop = decode_tflop(vae, shape)
     r = {"resolution": shape.resolution, "frames_per_call": frames_per_call, "kernels": kernels,
          "block_decode_s": sum(steady) / len(steady), "first_block_decode_s": times[0],
+         "block_tflop": tflop, "tflops": tflop / (sum(steady) / len(steady)),
          "latent_frames_per_block": shape.block_frames, "pixel_frames_per_block": n_frames,
          "frame_shape": list(frames.shape[1:]),
          "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}

@@ -122,3 +122,31 @@ def test_light_decoder_rows(tmp_path):
     assert row["vae_ms"] > 0 and row["steady_fps"] > 0
     vae_frames = res["shapes"][row["resolution"]]["pixel_frames_per_block"]
     assert row["steady_fps"] == pytest.approx(vae_frames / (row["total_ms"] / 1e3), rel=1e-9)
+
+
+def test_vae_decode_flops_on_meta_equal_the_real_decode_and_leave_the_decoder_alone():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longlive.bench.vae import build_decoder, decode_tflop
+
+    preset = load_preset("tiny")
+    vae, _ = build_decoder(preset, torch.device("cpu"))
+    shape = bench_shape(preset)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    dec = vae.streaming_decoder()
+    z = torch.randn(1, shape.z_dim, 1 + shape.block_frames, shape.lat_h, shape.lat_w)
+    with torch.no_grad():
+        dec.decode(z[:, :, :1])
+        with FlopCounterMode(display=False) as counter:
+            dec.decode(z[:, :, 1:])
+    # 1e-3: the mid block's attention is counted through another SDPA kernel on meta than on the CPU
+    assert decode_tflop(vae, shape) == pytest.approx(counter.get_total_flops() / 1e12, rel=1e-3)
+    assert counter.get_total_flops() > 0
+    assert all(p.device.type == "cpu" for p in vae.parameters())
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+    # the Wan2.2 decoder's work per 32-frame block at 704x1280, which bounds its decode time from below
+    wan = load_preset("wan22-5b")
+    with torch.device("meta"):
+        big, _ = build_decoder(wan, torch.device("meta"))
+    assert decode_tflop(big, bench_shape(wan, (704, 1280))) == pytest.approx(530.8, rel=1e-3)
