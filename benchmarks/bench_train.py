@@ -55,7 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention", choices=("auto", "flex", "dense"), default="auto")
     p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
-                   help="activation checkpointing of every block (the teacher-forcing model, DMD's critic); "
+                   help="activation checkpointing of every block (the teacher-forcing model, DMD's critic; DMD's "
+                        "generator: its cross-attention and FFN, the sublayers that never read its KV cache); "
                         "auto: on except for the tiny preset")
     p.add_argument("--weights", choices=("fp32", "bf16"), default="fp32", help="trained weights' dtype")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "none"), default="adamw",
@@ -86,7 +87,7 @@ def sized_preset(args):
     return preset.model_copy(update={"video": video})
 
 
-def trainable(preset, device, args, checkpointing: bool, compile_blocks: bool = False):
+def trainable(preset, device, args, checkpointing: bool | str, compile_blocks: bool = False):
     """The random DiT with the trainers' wrappers, through the same build_dit they use."""
     model = random_dit(preset, device, torch.float32 if args.weights == "fp32" else torch.bfloat16, args.seed)
     return build_dit(model, preset, training=True, checkpointing=checkpointing, compile_blocks=compile_blocks).train()
@@ -170,7 +171,8 @@ def bench_tf(preset, device, args, checkpointing: bool, rate: float) -> dict:
 def bench_dmd(preset, device, args, checkpointing: bool, rate: float) -> list[dict]:
     cfg, ar = preset.dmd, preset.ar
     C, F, h, w = preset.latent_shape
-    generator = trainable(preset, device, args, False)  # never checkpointed: its step reads a cache that changes
+    # the generator's self-attention reads the rollout's changing KV cache: only its cache-free sublayers recompute
+    generator = trainable(preset, device, args, "cache_free" if checkpointing else False)
     critic = trainable(preset, device, args, checkpointing, args.compile)
     frozen = torch.bfloat16 if device.type == "cuda" and cfg.frozen_dtype != "fp32" else torch.float32
     teacher = random_dit(preset, device, frozen, args.seed + 7).requires_grad_(False)

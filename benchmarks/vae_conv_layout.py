@@ -77,7 +77,10 @@ def decoder_rows(device: torch.device) -> list[dict]:
     shape = bench_shape(preset, (704, 1280))
     out = []
     for fmt in ("contiguous", "channels_last_3d"):
-        vae.model.decoder.to(memory_format=getattr(torch, "contiguous_format" if fmt == "contiguous" else fmt))
+        mf = torch.contiguous_format if fmt == "contiguous" else torch.channels_last_3d
+        for m in vae.model.decoder.modules():  # Module.to(memory_format=) refuses the decoder's 1-D and 4-D tensors
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=mf)
         for kernels in (False, True):
             r = vae_block_time(vae, shape, device, blocks=2, frames_per_call=1, kernels=kernels)
             out.append({"memory_format": fmt, "kernels": kernels, "block_decode_ms": 1e3 * r["block_decode_s"],

@@ -429,7 +429,9 @@ class DMDConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     frozen_dtype: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="dtype of the frozen teacher: auto = bf16 on CUDA, fp32 elsewhere")
-    activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in backward")
+    activation_checkpointing: StrictBool = Field(default=False, description="recompute the critic's block activations in "
+                                                 "backward, and the generator's cross-attention and FFN (its "
+                                                 "self-attention reads the rollout's KV cache and keeps its activations)")
     compile: StrictBool = Field(default=False, description="torch.compile each block of the critic (its forward is a "
                                 "plain pass; the generator's rollout runs through a KV cache and stays eager)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(default="adamw", description="as ar.optimizer")

@@ -15,7 +15,8 @@ which applies these steps in this order, and is the only place that applies them
 5. **inference path** -- with ``inference`` given and its ``kernels``, ``compile`` or ``fp8`` on,
    :func:`longlive.inference.optimize.optimize`: FP8 linears, then fused kernels, the per-prompt context memo and
    torch.compile. After every module swap above, since the memo wraps modules a conversion replaces;
-6. **training wrappers** -- ``checkpointing``: activation checkpointing of every block; ``compile_blocks``:
+6. **training wrappers** -- ``checkpointing``: activation checkpointing of every block (``"cache_free"``: of
+   each block's cross-attention and FFN only, for a model whose self-attention reads a KV cache); ``compile_blocks``:
    ``torch.compile`` of each block (:mod:`longlive.parallel.training`), in torchtitan's order, before FSDP;
 7. **parallelize** -- sequence parallel over ``parallel``'s SP group, and FSDP2 over all ranks when
    ``training``. It touches activations only and wraps whatever the steps above left (a fused attention core
@@ -82,7 +83,7 @@ def build_dit(
     lora: LoRAConfig | None = None,
     frozen: bool = False,
     training: bool = False,
-    checkpointing: bool = False,
+    checkpointing: bool | Literal["cache_free"] = False,
     compile_blocks: bool = False,
     parallel: ParallelState | None = None,
 ) -> WanDiT:
@@ -139,7 +140,12 @@ def build_dit(
     if inference is not None and (inference.kernels or inference.compile or inference.fp8):
         record.inference_path = apply_inference_path(dit, inference)
         record.steps.append("inference path")
-    if checkpointing:
+    if checkpointing == "cache_free":
+        from longlive.parallel.training import checkpoint_cache_free
+
+        checkpoint_cache_free(dit)
+        record.steps.append("activation checkpointing (cross-attention, FFN)")
+    elif checkpointing:
         from longlive.parallel.training import checkpoint_blocks
 
         checkpoint_blocks(dit)

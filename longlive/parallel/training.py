@@ -4,6 +4,10 @@
 * :func:`checkpoint_blocks` -- activation checkpointing of every DiT block: backward recomputes a block's forward
   from its input instead of keeping its activations. The 5B teacher-forcing step (56,320 tokens) needs it; it
   costs about one more forward of every block.
+* :func:`checkpoint_cache_free` -- selective checkpointing of the sublayers that never read a KV cache (each
+  block's cross-attention and FFN): for DMD's generator, whose self-attention reads the rollout's rolling cache,
+  which later blocks overwrite before backward (a recomputed self-attention would see another cache). The FFN's
+  two 14336-wide activations are the largest a block keeps.
 * :func:`compile_blocks` -- ``torch.compile`` of each block (regional compilation): the norms, modulation, RoPE,
   GELU and gated residuals fuse into a few kernels around the matmuls and the attention, and one compiled graph
   serves every block, so compile time does not grow with depth. A block under a KV cache (inference, DMD
@@ -27,6 +31,14 @@ def checkpoint_blocks(model: WanDiT) -> WanDiT:
     return model
 
 
+def checkpoint_cache_free(model: WanDiT) -> WanDiT:
+    """Wrap each block's cross-attention (``attn2``) and FFN in activation-checkpoint wrappers, in place; the
+    self-attention, which may read a KV cache, keeps its activations. State-dict names stay plain."""
+    targets = {id(m) for b in model.blocks for m in (b.attn2, b.ffn)}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in targets)
+    return model
+
+
 def compile_blocks(model: WanDiT) -> WanDiT:
     """``torch.compile`` every block of ``model.blocks`` in place (``nn.Module.compile``: parameter names and the
     module tree stay as they are). After :func:`checkpoint_blocks`, the checkpointed region is what compiles."""
@@ -44,4 +56,4 @@ def unwrap_blocks(model: WanDiT) -> list[nn.Module]:
     return [getattr(b, "_checkpoint_wrapped_module", b) for b in model.blocks]
 
 
-__all__ = ["checkpoint_blocks", "compile_blocks", "unwrap_blocks"]
+__all__ = ["checkpoint_blocks", "checkpoint_cache_free", "compile_blocks", "unwrap_blocks"]

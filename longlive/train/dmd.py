@@ -229,12 +229,14 @@ def train_dmd(
 
     teacher = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=frozen_dtype(cfg.frozen_dtype, device),
                         frozen=True)
-    # The critic only: its forward is a plain bidirectional pass. The generator's differentiated step reads the
-    # rollout's KV cache, which later blocks change before backward, so a recomputed forward would see another
-    # cache; the rollout already keeps just one forward per block for backward.
+    # The critic's forward is a plain bidirectional pass: whole blocks recompute. The generator's differentiated
+    # step reads the rollout's KV cache, which later blocks change before backward, so only its sublayers that
+    # never read the cache (cross-attention, FFN) recompute; the rollout keeps one forward per block for backward.
     critic_wrappers = {"checkpointing": cfg.activation_checkpointing, "compile_blocks": cfg.compile}
+    generator_checkpointing = "cache_free" if cfg.activation_checkpointing else False
     if qat_from is None:
-        generator = build_dit(ar_export, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora)
+        generator = build_dit(ar_export, preset, device=device, dtype=torch.float32, training=True, lora=cfg.lora,
+                              checkpointing=generator_checkpointing)
         critic = build_dit(base_dir / DIT_DIR, preset, device=device, dtype=torch.float32, training=True,
                            **critic_wrappers)
     else:
@@ -244,7 +246,8 @@ def train_dmd(
             raise FileNotFoundError(f"{qat_from}/{CRITIC_DIR} not found: QAT fine-tunes a train_dmd export "
                                     f"(run `dvc repro train_dmd@{variant}-{student}` first)")
         # QAT trains the merged weights (the adapter beside dit/ merged at load) the quantizer will see
-        generator = build_dit(init, preset, device=device, dtype=torch.float32, training=True, quant="qat")
+        generator = build_dit(init, preset, device=device, dtype=torch.float32, training=True, quant="qat",
+                              checkpointing=generator_checkpointing)
         critic = build_dit(init.critic(), preset, device=device, dtype=torch.float32, training=True, **critic_wrappers)
         cfg = cfg.model_copy(update={"lora": None, "train": cfg.train.model_copy(update={"steps": cfg.qat_steps}),
                                      "ema": cfg.ema.model_copy(update={"start_step": 0})})

@@ -24,7 +24,9 @@ class EMA:
             k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in model.state_dict().items()
         }
-        self._params = {k for k, _ in model.named_parameters()}
+        # the parameters by their state-dict names: a checkpoint wrapper's hook strips its prefix from those, not
+        # from named_parameters(), which would leave every wrapped parameter un-averaged
+        self._params = {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
 
     @torch.no_grad()
     def update(self, step: int) -> None:

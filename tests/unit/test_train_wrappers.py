@@ -64,3 +64,72 @@ def test_compiled_blocks_with_flex_attention_equal_eager_dense_on_cuda():
     torch.testing.assert_close(out1, out0, atol=2e-3, rtol=2e-3)  # TF32 matmuls on either side
     for name, grad in g0.items():
         torch.testing.assert_close(g1[name], grad, atol=2e-3, rtol=2e-2, msg=name)
+
+
+def _dmd_grads(checkpointing, preset):
+    from longlive.diffusion import dmd, flow
+    from longlive.train.ar import clip_block_sizes, max_block_position
+    from longlive.train.dmd import DMDModels, dmd_step_losses
+
+    cpu = torch.device("cpu")
+    generator = build_dit(random_dit(preset, cpu, torch.float32, 0), preset, training=True,
+                          checkpointing=checkpointing).train()
+    critic = build_dit(random_dit(preset, cpu, torch.float32, 1), preset, training=True,
+                       checkpointing=bool(checkpointing)).train()
+    teacher = random_dit(preset, cpu, torch.float32, 2).requires_grad_(False)
+    cfg, ar = preset.dmd, preset.ar
+    C, F, h, w = preset.latent_shape
+    steps = next(iter(cfg.students.values()))
+    layout = dmd.RolloutLayout(clip_block_sizes(F, ar.block_frames), flow.step_list_sigmas(steps, cfg.timestep_shift),
+                               ar.sink_frames, ar.window_frames, max_block_position(F, ar.block_frames))
+    g = torch.Generator().manual_seed(5)
+    x_data = torch.randn(1, C, F, h, w, generator=g)
+    context = torch.randn(1, preset.text.max_tokens, preset.text.dim, generator=g)
+    null = torch.zeros(preset.text.max_tokens, preset.text.dim)
+    loss, _ = dmd_step_losses(DMDModels(generator, critic), teacher, layout, cfg, x_data, context, null,
+                              torch.Generator().manual_seed(7), update_generator=True)
+    loss.backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+             for n, p in generator.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, generator
+
+
+def test_dmd_generator_with_cache_free_checkpointing_equals_the_plain_step():
+    """The generator's rollout reads a rolling KV cache that later blocks overwrite: only its cross-attention and
+    FFN recompute in backward, so its loss and gradients are those of the plain step (the whole-block wrapper
+    would recompute self-attention against the changed cache)."""
+    torch.manual_seed(0)
+    preset = load_preset("tiny")
+    preset = preset.model_copy(update={"dit": preset.dit.model_copy(update={"num_layers": 2})})
+    loss0, g0, _ = _dmd_grads(False, preset)
+    loss1, g1, wrapped = _dmd_grads("cache_free", preset)
+    torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=1e-6)
+    assert g1.keys() == g0.keys() and g0
+    for name, grad in g0.items():
+        torch.testing.assert_close(g1[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    wrapped_names = {n for n, _ in wrapped.named_parameters() if "_checkpoint_wrapped_module" in n}
+    assert any(".attn2." in n for n in wrapped_names) and any(".ffn." in n for n in wrapped_names)
+    assert not any(".attn1." in n for n in wrapped_names)  # the self-attention keeps its activations
+    assert wrapped.build_record.steps[-1] == "activation checkpointing (cross-attention, FFN)"
+
+
+def test_ema_averages_the_parameters_of_a_checkpointed_model():
+    """named_parameters() of a wrapped model carry the wrapper's prefix, its state dict does not: the EMA must
+    average by the state dict's names, or every wrapped parameter is copied instead of averaged."""
+    from longlive.train.ema import EMA
+
+    preset = load_preset("tiny")
+    preset = preset.model_copy(update={"dit": preset.dit.model_copy(update={"num_layers": 2})})
+    for checkpointing in (True, "cache_free"):
+        model = build_dit(random_dit(preset, torch.device("cpu"), torch.float32, 0), preset, training=True,
+                          checkpointing=checkpointing)
+        ema = EMA(model, decay=0.5)
+        before = {k: v.clone() for k, v in ema.shadow.items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update(0)
+        params = {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
+        assert len(params) == len(list(model.parameters()))
+        for k in params:
+            torch.testing.assert_close(ema.shadow[k], before[k] + 0.5, msg=f"{checkpointing}: {k}")
