@@ -54,7 +54,7 @@ def test_params_yaml_is_the_composition_of_conf(tmp_path):
 def test_each_preset_builds_what_its_evaluate_and_publish_read():
     tiny = dag_section(library("tiny"), "tiny")
     assert tiny["train_ar"] == ["t2v", "i2v"]
-    assert list(tiny["train_dmd"]) == ["t2v-4step", "t2v-2step", "i2v-2step"]  # evaluate's dmd_* (no i2v 4-step)
+    assert list(tiny["train_dmd"]) == ["t2v-2step", "i2v-2step"]  # evaluate's dmd_* (2-step students only)
     assert tiny["train_dmd"]["i2v-2step"] == ["i2v", "2step"]  # [VARIANT, STUDENT]: dvc.yaml's ${item[0]} ${item[1]}
     # only the 2-step QAT students are read (nvfp4_*_2step_qat, publish): no 4-step QAT, no bf16 quantize
     assert list(tiny["train_qat"]) == ["t2v-2step", "i2v-2step"]
@@ -84,7 +84,7 @@ def test_a_checkpoint_no_stage_can_build_is_named(mutate, words):
 def test_a_preset_edited_in_params_yaml_alone_is_refused_where_dvc_reads_it(tmp_path, monkeypatch):
     monkeypatch.delenv("LONGLIVE_PRESET", raising=False)
     doc = params_document("tiny", copy.deepcopy(library("tiny")))
-    doc["presets"]["tiny"]["evaluate"]["variants"].pop("dmd_t2v_4step")  # dag still builds and plots it
+    doc["presets"]["tiny"]["evaluate"]["variants"].pop("dmd_t2v_2step")  # dag still builds and plots it
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     assert load_preset(path=tmp_path / "params.yaml").name == "tiny"  # no dvc.yaml here: DVC does not read it
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -163,8 +163,8 @@ def test_exp_show_on_the_default_preset_lists_its_params_alone(project):
 def test_switching_preset_with_dvc_exp_run_is_what_dvc_lock_records(project):
     run(["dvc", "repro", "synth"], project)
     tiny_items = items(project)
-    assert {"train_dmd@t2v-4step", "train_qat@i2v-2step", "quantize@t2v-2step-qat"} <= tiny_items
-    assert not tiny_items & {"train_qat@t2v-4step", "quantize@t2v-2step", "quantize@i2v-4step-qat"}
+    assert {"train_dmd@t2v-2step", "train_qat@i2v-2step", "quantize@t2v-2step-qat"} <= tiny_items
+    assert not tiny_items & {"train_dmd@t2v-4step", "train_qat@t2v-4step", "quantize@t2v-2step", "quantize@i2v-4step-qat"}
     assert lock(project, "synth")["params"]["params.yaml"]["preset"] == "tiny" and clips(project) == 12
 
     run(["dvc", "exp", "run", "-S", "preset=small", "-S", SMALL_ON_SYNTH, "synth"], project)
