@@ -58,7 +58,8 @@ download=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-versio
   referencing==0.37.0 rpds-py==2026.9.1 marshmallow==4.4.0 mistune==3.4.0 tzlocal==5.4.5 httpx2==2.17.0 \
   httpcore2==2.17.0 lazy-importer==0.1.0 python-dotenv==1.2.4 \
   diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 webdataset==1.0.2 braceexpand==0.1.7
+  typing-inspection==0.4.5 webdataset==1.0.2 braceexpand==0.1.7 \
+  nvidia-cudnn-frontend==1.16.0 torchao==0.18.0
 
 # sdist only (hydra's antlr4 pin), and imageio-ffmpeg's Python part without its bundled binary: pure wheels.
 "$PY" -m pip wheel -q --no-deps --no-binary :all: -w "$dir" antlr4-python3-runtime==4.9.3 imageio-ffmpeg==0.8.1
