@@ -85,6 +85,11 @@ def decoder_rows(device: torch.device) -> list[dict]:
             r = vae_block_time(vae, shape, device, blocks=2, frames_per_call=1, kernels=kernels)
             out.append({"memory_format": fmt, "kernels": kernels, "block_decode_ms": 1e3 * r["block_decode_s"],
                         "tflops": r["tflops"], "block_tflop": r["block_tflop"]})
+    for fpc in (1, 4):  # the channels-last decoder (longlive.inference.fast_vae), norms compiled
+        r = vae_block_time(vae, shape, device, blocks=3, frames_per_call=fpc, fast=True)
+        out.append({"memory_format": f"fast_vae (channels-last, {fpc} latent frame(s) per call)", "kernels": True,
+                    "block_decode_ms": 1e3 * r["block_decode_s"], "tflops": r["tflops"], "block_tflop": r["block_tflop"],
+                    "peak_mem_gib": r["peak_mem_gib"]})
     return out
 
 

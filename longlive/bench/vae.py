@@ -28,9 +28,16 @@ def set_kernels(decoder, on: bool) -> None:
     apply_vae_kernels(decoder) if on else remove_vae_kernels(decoder)
 
 
-def streaming(decoder, frames_per_call: int):
-    """A streaming decoder; the light decoder takes each block in one call (no ``frames_per_call``)."""
-    return decoder.streaming_decoder() if is_light(decoder) else decoder.streaming_decoder(frames_per_call=frames_per_call)
+def streaming(decoder, frames_per_call: int, fast: bool = False):
+    """A streaming decoder; the light decoder takes each block in one call (no ``frames_per_call``). ``fast``: the
+    channels-last decoder (``longlive.inference.fast_vae``) instead of diffusers' modules."""
+    if is_light(decoder):
+        return decoder.streaming_decoder()
+    if fast:
+        from longlive.inference.fast_vae import FastStreamingDecoder
+
+        return FastStreamingDecoder(decoder, frames_per_call=frames_per_call)
+    return decoder.streaming_decoder(frames_per_call=frames_per_call)
 
 
 def build_decoder(preset: Preset, device: torch.device, kind: str = "vae"):
@@ -89,14 +96,14 @@ def decode_tflop(decoder, shape: BenchShape) -> float:
 
 
 def vae_block_time(vae, shape: BenchShape, device: torch.device, blocks: int = 3, frames_per_call: int = 1,
-                   kernels: bool = False, profile: bool = False) -> dict:
+                   kernels: bool = False, profile: bool = False, fast: bool = False) -> dict:
     """Streaming decode of ``blocks`` blocks of ``block_frames`` latent frames; the first block (with the
     video's first frame) is the warm-up, the others are steady blocks. ``profile`` (CUDA): GPU kernel time
     of the last block by family (convolutions, other), against its wall time."""
     from longlive.data.video_io import frames_uint8
 
-    set_kernels(vae, kernels)
-    dec = streaming(vae, frames_per_call)
+    set_kernels(vae, kernels and not fast)
+    dec = streaming(vae, frames_per_call, fast)
     g = torch.Generator(device=device).manual_seed(2)
     times = []
     prof = None
@@ -116,7 +123,7 @@ def vae_block_time(vae, shape: BenchShape, device: torch.device, blocks: int = 3
             n_frames = frames.shape[0]
     steady = times[1:] or times
     tflop = decode_tflop(vae, shape)
-    r = {"resolution": shape.resolution, "frames_per_call": frames_per_call, "kernels": kernels,
+    r = {"resolution": shape.resolution, "frames_per_call": frames_per_call, "kernels": kernels, "fast": fast,
          "block_decode_s": sum(steady) / len(steady), "first_block_decode_s": times[0],
          "block_tflop": tflop, "tflops": tflop / (sum(steady) / len(steady)),
          "latent_frames_per_block": shape.block_frames, "pixel_frames_per_block": n_frames,
