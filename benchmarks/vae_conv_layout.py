@@ -85,6 +85,22 @@ def decoder_rows(device: torch.device) -> list[dict]:
             r = vae_block_time(vae, shape, device, blocks=2, frames_per_call=1, kernels=kernels)
             out.append({"memory_format": fmt, "kernels": kernels, "block_decode_ms": 1e3 * r["block_decode_s"],
                         "tflops": r["tflops"], "block_tflop": r["block_tflop"]})
+    # exactness of the channels-last decoder against diffusers' modules at this size, in bf16 (first + steady block)
+    from longlive.bench.vae import set_kernels
+    from longlive.inference.fast_vae import FastStreamingDecoder
+
+    set_kernels(vae, False)
+    g = torch.Generator(device=device).manual_seed(5)
+    z = torch.randn(1, shape.z_dim, 1 + shape.block_frames, shape.lat_h, shape.lat_w, device=device, generator=g)
+    with torch.no_grad():
+        r_dec, f_dec = vae.streaming_decoder(), FastStreamingDecoder(vae)
+        ref = torch.cat([r_dec.decode(z[:, :, :1]), r_dec.decode(z[:, :, 1:])], 2).float()
+        got = torch.cat([f_dec.decode(z[:, :, :1]), f_dec.decode(z[:, :, 1:])], 2).float()
+    out.append({"memory_format": "fast_vae vs diffusers (exactness, bf16)", "kernels": False, "block_decode_ms": 0.0,
+                "tflops": 0.0, "block_tflop": 0.0, "rel_l2": ((got - ref).norm() / ref.norm()).item(),
+                "max_abs": (got - ref).abs().max().item(), "frames": got.shape[2]})
+    print(json.dumps(out[-1]), flush=True)
+    del ref, got, r_dec, f_dec
     for fpc in (1, 4):  # the channels-last decoder (longlive.inference.fast_vae), norms compiled
         r = vae_block_time(vae, shape, device, blocks=3, frames_per_call=fpc, fast=True)
         out.append({"memory_format": f"fast_vae (channels-last, {fpc} latent frame(s) per call)", "kernels": True,
@@ -121,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     if res["decoder"]:
         lines += ["", *md_table({"decoder memory format": "{memory_format}", "fused norms": lambda r: str(r["kernels"]),
                                  "ms per 8-latent block": lambda r: f"{r['block_decode_ms']:.0f}",
-                                 "TFLOP/s": lambda r: f"{r['tflops']:.0f}"}, res["decoder"])]
+                                 "TFLOP/s": lambda r: f"{r['tflops']:.0f}",
+                                 "vs diffusers": lambda r: (f"rel L2 {r['rel_l2']:.1e}, max abs {r['max_abs']:.1e} "
+                                                            f"over {r['frames']} frames" if "rel_l2" in r else "")},
+                                res["decoder"])]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.json").write_text(json.dumps(res, indent=1))
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

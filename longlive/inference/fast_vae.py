@@ -66,7 +66,7 @@ class FastStreamingDecoder:
         self.weights = {id(m): m.weight.detach().contiguous(memory_format=CL)
                         for m in vae.model.decoder.modules() if isinstance(m, nn.Conv3d)}
         cuda = vae.device.type == "cuda"
-        self.norm_silu = (torch.compile(_norm_silu, dynamic=False)
+        self.norm_silu = (torch.compile(_norm_silu)
                           if (cuda if compile_norms is None else compile_norms) else _norm_silu)
         self.reset()
 
