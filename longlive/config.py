@@ -529,6 +529,10 @@ class InferenceConfig(_Strict):
         "real-time video is far past anything the students were trained on; a typo such as 1e9 is refused up front)")
     vae_frames_per_call: StrictInt = Field(default=1, ge=1, description="latent frames per VAE decoder call after the "
                                      "first (1: bitwise as diffusers; more: larger convolutions, more memory)")
+    vae_decoder: Literal["fast", "reference"] = Field(
+        default="fast", description="fast: the channels-last streaming decoder over the VAE's weights "
+        "(longlive.inference.fast_vae; Wan2.2 layout, equal to the reference up to float rounding); reference: "
+        "diffusers' modules frame by frame")
     # the real-time path (longlive.inference.optimize); on the CPU every option below but fp8/compile is a no-op
     kernels: StrictBool = Field(default=True, description="fused Triton kernels (RoPE, LayerNorm + adaLN, gated residual) "
                           "on CUDA, the PyTorch reference elsewhere; LONGLIVE_KERNELS=0 turns every kernel off")

@@ -53,7 +53,8 @@ def markdown(res: dict) -> str:
     for v in (v for opts in res.get("vae_options", {}).values() for v in opts):
         lines.append(f"VAE streaming decode of one block at {v['resolution']} ({v['latent_frames_per_block']} latent -> "
                      f"{v['pixel_frames_per_block']} frames of {v['frame_shape'][0]}x{v['frame_shape'][1]}), "
-                     f"{v['frames_per_call']} latent frame(s) per call, fused norm kernels {v['kernels']}: "
+                     f"{v['frames_per_call']} latent frame(s) per call, "
+                     + ("channels-last decoder (fast_vae)" if v.get("fast") else f"fused norm kernels {v['kernels']}") + ": "
                      f"{1e3 * v['block_decode_s']:.0f} ms ({v['pixel_frames_per_block'] / v['block_decode_s']:.1f} FPS alone"
                      + (f"; {v['block_tflop']:.1f} TFLOP per block, {v['tflops']:.0f} TFLOP/s" if "block_tflop" in v else "")
                      + (f"; peak {v['peak_mem_gib']:.1f} GiB)" if v.get("peak_mem_gib") is not None else ")"))
@@ -89,7 +90,8 @@ def markdown(res: dict) -> str:
     for e in res.get("end_to_end", []):
         lines.append(f"End to end at {e['resolution']} ({e['variant']}, {e['steps']} steps, VAE in its thread "
                      f"(and stream, on CUDA) on the same device, {e['vae_frames_per_call']} latent frame(s) per decoder "
-                     f"call, fused VAE norms {e['vae_kernels']}): steady {e['steady_fps']:.1f} FPS, "
+                     f"call, " + ("channels-last decoder" if e.get("vae_fast") else f"fused VAE norms {e['vae_kernels']}")
+                     + f"): steady {e['steady_fps']:.1f} FPS, "
                      f"first-block latency {e['first_block_latency_s']:.2f} s")
     if res.get("kernels"):
         lines += ["", f"Kernel checks at {res.get('kernels_resolution')}:", "",

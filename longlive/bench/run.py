@@ -168,14 +168,19 @@ class Bench:
         if vae is not None:
             for s in shapes:
                 opts = res["vae_options"][s.resolution] = []
-                for fpc, kern in ((1, False),) if is_light(vae) else ((1, False), (1, True), (4, True)):
-                    v = self.stage(f"vae {s.resolution} fpc={fpc} kernels={kern}", partial(
-                        vae_block_time, vae, s, device, frames_per_call=fpc, kernels=kern), min_left=300, kind="vae")
+                # diffusers' modules (fused norms off / on, 1 or 4 latent frames per call), then the channels-last
+                # decoder (longlive.inference.fast_vae: inference.vae_decoder: fast)
+                options = ((1, False, False),) if is_light(vae) else (
+                    (1, False, False), (1, True, False), (4, True, False), (1, True, True))
+                for fpc, kern, fast in options:
+                    v = self.stage(f"vae {s.resolution} fpc={fpc} kernels={kern}" + (" fast" if fast else ""), partial(
+                        vae_block_time, vae, s, device, frames_per_call=fpc, kernels=kern, fast=fast), min_left=300,
+                        kind="vae")
                     if v:
                         opts.append(v)
                 if opts:
                     best = min(opts, key=lambda v: v["block_decode_s"])
-                    vae_best[s.resolution] = (best["frames_per_call"], best["kernels"])
+                    vae_best[s.resolution] = (best["frames_per_call"], best["kernels"], best["fast"])
                     if self.cuda:
                         res["vae_profile"][s.resolution] = {str(k): self.stage(
                             f"vae profile {s.resolution} kernels={k}", partial(
@@ -196,9 +201,10 @@ class Bench:
         def rows(v: Variant, s: BenchShape) -> None:
             name = model.name(v)
             inference = inference_for(self.preset, s, v)
-            fpc, vae_kernels = vae_best.get(s.resolution, (inference.vae_frames_per_call, inference.kernels))
+            fpc, vae_kernels, vae_fast = vae_best.get(s.resolution, (
+                inference.vae_frames_per_call, inference.kernels, inference.vae_decoder == "fast"))
             common = {"plain": v.plain, "kv_cache": v.kv_cache, "vae": vae, "vae_frames_per_call": fpc,
-                      "vae_kernels": vae_kernels, "video_fps": self.preset.video.fps}
+                      "vae_kernels": vae_kernels, "vae_fast": vae_fast, "video_fps": self.preset.video.fps}
             weights_gib = weight_bytes(model.dit) / 2**30
             # one unmeasured block: compilation, autotuning, the allocator (and the decoder's first call)
             stream_blocks(model.dit, inference, s, device, contexts, steps=self.steps[0], blocks=1,
@@ -267,14 +273,15 @@ class Bench:
                     targets.append((max(others, key=lambda r: r["dit_fps"])["variant_id"], steps))
             for vid, steps in _dedupe(targets):
                 v = by_id[vid]
-                fpc, kern = vae_best.get(s.resolution, (self.preset.inference.vae_frames_per_call, True))
+                fpc, kern, fast = vae_best.get(s.resolution, (self.preset.inference.vae_frames_per_call, True,
+                                                              self.preset.inference.vae_decoder == "fast"))
 
-                def run(v=v, steps=steps, s=s, fpc=fpc, kern=kern):
+                def run(v=v, steps=steps, s=s, fpc=fpc, kern=kern, fast=fast):
                     model.setup(v)
                     try:
                         e = end_to_end(model.dit, inference_for(self.preset, s, v), s, vae, self.device, contexts,
                                        steps=steps, blocks=max(self.args.blocks, s.warm_blocks + 9), frames_per_call=fpc,
-                                       vae_kernels=kern, video_fps=self.preset.video.fps)
+                                       vae_kernels=kern, vae_fast=fast, video_fps=self.preset.video.fps)
                     finally:
                         model.teardown(v)
                     e["variant"] = model.name(v)

@@ -145,7 +145,8 @@ def _plans(shape: BenchShape, blocks: int, video_fps: int):
 
 def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, device: torch.device, contexts, *,
                   steps: int, cache_pass: bool = True, blocks: int, plain: bool = False, kv_cache: str = "dense",
-                  vae=None, vae_frames_per_call: int = 1, vae_kernels: bool = False, video_fps: int = 24) -> dict:
+                  vae=None, vae_frames_per_call: int = 1, vae_kernels: bool = False, vae_fast: bool = False,
+                  video_fps: int = 24) -> dict:
     """Stream ``blocks`` blocks, decoding each one right after it (synchronously, on the same device), and
     time every block's parts (see the module docstring). Host syncs inside the chunk loop are counted on
     CUDA (``torch.cuda.set_sync_debug_mode``). Peak memory over the stream, decoding included:
@@ -163,9 +164,9 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
         from longlive.bench.vae import set_kernels
         from longlive.inference.writer import BlockDecoder
 
-        set_kernels(vae, vae_kernels)
+        set_kernels(vae, vae_kernels and not vae_fast)
         decoder = BlockDecoder(vae, lambda i, f: decoded.append(len(f)), device=device, async_decode=False,
-                               frames_per_call=vae_frames_per_call)
+                               frames_per_call=vae_frames_per_call, fast=vae_fast)
     cuda = device.type == "cuda"
     it = iter(pipe.stream(_plans(shape, blocks, video_fps), contexts, shape.latent,
                           generator=torch.Generator().manual_seed(0)))
@@ -258,6 +259,7 @@ def summarize(name: str, variant_id: str, shape: BenchShape, r: dict) -> dict:
 
 def end_to_end(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, vae, device: torch.device, contexts, *,
                steps: int, blocks: int, kv_cache: str = "dense", frames_per_call: int = 1, vae_kernels: bool = True,
+               vae_fast: bool = False,
                video_fps: int = 24) -> dict:
     """The pipeline as ``longlive generate`` runs it: the VAE decoding in its worker thread (its own CUDA
     stream) on the same device, overlapping the next block."""
@@ -267,9 +269,9 @@ def end_to_end(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, vae, 
     inference = inference.model_copy(update={"denoising_steps": step_list(steps, inference.denoising_steps)})
     pipe = StreamingPipeline(dit, inference, device, kv_cache=kv_cache)
     counted = []
-    set_kernels(vae, vae_kernels)
+    set_kernels(vae, vae_kernels and not vae_fast)
     decoder = BlockDecoder(vae, lambda i, f: counted.append(len(f)), device=device, async_decode=True,
-                           frames_per_call=frames_per_call)
+                           frames_per_call=frames_per_call, fast=vae_fast)
     sync(device)
     t0 = now()
     for out in pipe.stream(_plans(shape, blocks, video_fps), contexts, shape.latent,
@@ -280,7 +282,7 @@ def end_to_end(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, vae, 
     done = [d["done_at"] - t0 for d in sorted(timings, key=lambda d: d["block"])]
     warm = min(shape.warm_blocks, blocks - 2)  # steady once the window is full
     r = {"resolution": shape.resolution, "steps": steps, "blocks": blocks, "vae_frames_per_call": frames_per_call,
-         "vae_kernels": vae_kernels, "first_block_latency_s": done[0], "total_s": total, "pixel_frames": sum(counted),
+         "vae_kernels": vae_kernels, "vae_fast": vae_fast, "first_block_latency_s": done[0], "total_s": total, "pixel_frames": sum(counted),
          "steady_fps": sum(counted[warm + 1:]) / (done[-1] - done[warm]),
          "decode_s_per_block": [d["decode_s"] for d in sorted(timings, key=lambda d: d["block"])]}
     print(json.dumps(r), flush=True)

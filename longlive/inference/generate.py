@@ -143,7 +143,7 @@ def generate_video(
             frames_out.append(frames.copy())  # on CUDA a view of the decoder's reused pinned buffer
 
     decoder = BlockDecoder(block_decoder_model(models, cfg), on_frames, async_decode=cfg.async_decode,
-                           frames_per_call=cfg.vae_frames_per_call)
+                           frames_per_call=cfg.vae_frames_per_call, fast=cfg.vae_decoder == "fast")
     # per block: a dict of facts and the phase marks (floats, or CUDA events read after the loop so that
     # reading them never stalls the stream); the block's latents are not kept, so memory stays flat
     blocks, marks, ok = [], [], False

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from longlive.data.video_io import frames_uint8, tensor_to_frames
+from longlive.inference.fast_vae import FastStreamingDecoder
+from longlive.inference.fast_vae import supports as supports_fast
 from longlive.models.light_decoder import LightDecoder
 from longlive.models.vae import WanVAE
 
@@ -88,13 +90,18 @@ class BlockDecoder:
         async_decode: bool = True,
         max_pending: int = 4,
         frames_per_call: int = 1,
+        fast: bool = False,
     ) -> None:
         """``vae``: the full VAE or the distilled light decoder; both decode in order with a carried causal state.
         ``frames_per_call``: latent frames per VAE decoder call after the first (see
-        :class:`~longlive.models.vae.StreamingDecoder`); the light decoder takes each block in one call."""
+        :class:`~longlive.models.vae.StreamingDecoder`); the light decoder takes each block in one call. ``fast``:
+        the channels-last decoder (:mod:`longlive.inference.fast_vae`, ``inference.vae_decoder: fast``) where the
+        VAE has its layout."""
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device
         if isinstance(vae, LightDecoder):
             self.decoder = vae.streaming_decoder()
+        elif fast and supports_fast(vae):
+            self.decoder = FastStreamingDecoder(vae, frames_per_call=frames_per_call)
         else:
             self.decoder = vae.streaming_decoder(frames_per_call=frames_per_call)
         self.on_frames, self.async_decode = on_frames, async_decode
