@@ -56,7 +56,7 @@ def markdown(res: dict) -> str:
                      f"{v['frames_per_call']} latent frame(s) per call, "
                      + ("channels-last decoder (fast_vae)" if v.get("fast") else f"fused norm kernels {v['kernels']}") + ": "
                      f"{1e3 * v['block_decode_s']:.0f} ms ({v['pixel_frames_per_block'] / v['block_decode_s']:.1f} FPS alone"
-                     + (f"; {v['block_tflop']:.1f} TFLOP per block, {v['tflops']:.0f} TFLOP/s" if "block_tflop" in v else "")
+                     + (f"; {v['block_tflop']:.4g} TFLOP per block, {v['tflops']:.3g} TFLOP/s" if "block_tflop" in v else "")
                      + (f"; peak {v['peak_mem_gib']:.1f} GiB)" if v.get("peak_mem_gib") is not None else ")"))
     for resolution, profiles in res.get("vae_profile", {}).items():
         for kern, v in profiles.items():
@@ -88,11 +88,13 @@ def markdown(res: dict) -> str:
         lines.append(f"Where a steady {p['steps']}-step block of 'bf16 fast' at {p['resolution']} spends GPU time "
                      "(torch.profiler, ms): " + ", ".join(f"{k} {v:.0f}" for k, v in p["block_ms_by_family"].items()))
     for e in res.get("end_to_end", []):
+        c = ceiling_for(res, {"resolution": e["resolution"], "steps": e["steps"], "cache_pass": True})
         lines.append(f"End to end at {e['resolution']} ({e['variant']}, {e['steps']} steps, VAE in its thread "
                      f"(and stream, on CUDA) on the same device, {e['vae_frames_per_call']} latent frame(s) per decoder "
                      f"call, " + ("channels-last decoder" if e.get("vae_fast") else f"fused VAE norms {e['vae_kernels']}")
-                     + f"): steady {e['steady_fps']:.1f} FPS, "
-                     f"first-block latency {e['first_block_latency_s']:.2f} s")
+                     + f"): steady {e['steady_fps']:.1f} FPS"
+                     + (f" ({100 * e['steady_fps'] / c:.0f}% of the DiT-only ceiling, {c:.1f} FPS)" if c else "")
+                     + f", first-block latency {e['first_block_latency_s']:.2f} s")
     if res.get("kernels"):
         lines += ["", f"Kernel checks at {res.get('kernels_resolution')}:", "",
                   "| kernel check | max rel err | kernel ms | reference ms | speedup | bit exact |", "|---|---|---|---|---|---|"]

@@ -46,6 +46,15 @@ def test_one_row_per_resolution_variant_and_steps(bench):
         assert r["peak_mem_kind"] and r["host_syncs_per_block"] is None  # counted on CUDA only
 
 
+def test_vae_options_count_their_work_and_end_to_end_rows_give_their_share_of_the_ceiling(bench):
+    res, md = bench
+    for opts in res["vae_options"].values():
+        assert {o["fast"] for o in opts} == {False, True}  # diffusers' modules and the channels-last decoder
+        assert all(o["block_tflop"] > 0 and o["tflops"] > 0 for o in opts)
+    assert "channels-last decoder (fast_vae)" in md
+    assert res["end_to_end"] and md.count("of the DiT-only ceiling") == len(res["end_to_end"])
+
+
 def test_parts_are_positive_and_add_up(bench):
     res, _ = bench
     for r in res["rows"]:
