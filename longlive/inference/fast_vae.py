@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longlive.models.vae import StreamingDecoder
+
 CACHE_T = 2  # frames a causal 3x3x3 conv keeps from its previous input, as diffusers' CACHE_T
 CL = torch.channels_last_3d
 
@@ -49,18 +51,16 @@ def _with_context(x: Tensor, prev: Tensor | None, frames: int) -> Tensor:
     return torch.cat([*parts, x], 2).contiguous(memory_format=CL)
 
 
-class FastStreamingDecoder:
+class FastStreamingDecoder(StreamingDecoder):
     """Decodes normalised latents chunk by chunk like :class:`~longlive.models.vae.StreamingDecoder` (the same
-    interface, the same frames), through channels-last activations. ``compile_norms``: ``torch.compile`` the
-    norm + SiLU function (CUDA; one fused kernel per activation shape)."""
+    interface and chunking, the same frames), through channels-last activations: only the per-chunk decoder call
+    and its cache differ. ``compile_norms``: ``torch.compile`` the norm + SiLU function (CUDA; one fused kernel per
+    activation shape)."""
 
     def __init__(self, vae, clamp: bool = True, frames_per_call: int = 1, compile_norms: bool | None = None):
         if not supports(vae):
             raise ValueError("FastStreamingDecoder runs the Wan2.2 decoder layout (is_residual); use "
                              "vae.streaming_decoder() for this VAE")
-        if frames_per_call < 1:
-            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
-        self.vae, self.clamp, self.frames_per_call = vae, clamp, frames_per_call
         # channels-last copies of the 3D conv weights, kept here: the modules' own stay contiguous, as
         # safetensors saves them (a copy of the decoder's conv weights: ~0.6 GB in bf16 for Wan2.2)
         self.weights = {id(m): m.weight.detach().contiguous(memory_format=CL)
@@ -68,7 +68,7 @@ class FastStreamingDecoder:
         cuda = vae.device.type == "cuda"
         self.norm_silu = (torch.compile(_norm_silu)
                           if (cuda if compile_norms is None else compile_norms) else _norm_silu)
-        self.reset()
+        super().__init__(vae, clamp=clamp, frames_per_call=frames_per_call)
 
     def reset(self) -> None:
         self.cache: dict[int, Tensor | str | None] = {}
@@ -150,24 +150,9 @@ class FastStreamingDecoder:
         x = self._causal_conv(dec.conv_out, self._norm(dec.norm_out, x, True), key[0])
         return x
 
-    # ------------------------------------------------------------------ API
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.decode_raw(self.vae.denormalize(latents))
-
-    @torch.no_grad()
+    @torch.no_grad()  # an inference decoder: its weight copies are detached
     def decode_raw(self, z: Tensor) -> Tensor:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        return super().decode_raw(z)
 
-        model = self.vae.model
-        x = model.post_quant_conv(z.to(self.vae.dtype)).contiguous(memory_format=CL)
-        outs, i = [], 0
-        while i < x.shape[2]:
-            n = 1 if self.first else self.frames_per_call  # the video's first frame alone, as the reference
-            outs.append(self._decoder(x[:, :, i : i + n], self.first).contiguous())
-            self.first = False
-            i += n
-        out = torch.cat(outs, dim=2)
-        if model.config.patch_size is not None:
-            out = unpatchify(out, patch_size=model.config.patch_size)
-        return out.clamp(-1.0, 1.0) if self.clamp else out
+    def decode_chunk(self, x: Tensor, first: bool) -> Tensor:
+        return self._decoder(x.contiguous(memory_format=CL), first).contiguous()

@@ -134,14 +134,18 @@ class StreamingDecoder:
         i = 0
         while i < x.shape[2]:
             n = 1 if self.first else self.frames_per_call
-            chunk = x[:, :, i : i + n]
-            outs.append(model.decoder(chunk, feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.first))
+            outs.append(self.decode_chunk(x[:, :, i : i + n], self.first))
             self.first = False
             i += n
         out = torch.cat(outs, dim=2)
         if model.config.patch_size is not None:
             out = unpatchify(out, patch_size=model.config.patch_size)
         return out.clamp(-1.0, 1.0) if self.clamp else out
+
+    def decode_chunk(self, x: Tensor, first: bool) -> Tensor:
+        """One decoder call on ``x`` (after ``post_quant_conv``), carrying the causal cache; ``first``: the video's
+        first chunk. Another decoder forward over the same weights overrides this (``longlive.inference.fast_vae``)."""
+        return self.vae.model.decoder(x, feat_cache=self.feat_cache, feat_idx=[0], first_chunk=first)
 
 
 class WanVAE(nn.Module):

@@ -72,6 +72,8 @@ def test_default_preset_is_the_one_the_file_records_and_the_env_may_only_agree(t
         (lambda p: p["encode"].update(prefetch=0), "presets.tiny.encode.prefetch", "greater than or equal to 1"),
         (lambda p: p["encode"].update(batch_size=0), "presets.tiny.encode.batch_size", "greater than 0"),
         (lambda p: p["encode"].update(dtype="fp16"), "presets.tiny.encode.dtype", "'auto', 'bf16' or 'fp32'"),
+        (lambda p: p["inference"].update(vae_decoder="diffusers"), "presets.tiny.inference.vae_decoder",
+         "'fast' or 'reference'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, words):
