@@ -1,5 +1,6 @@
 """Quality cost of an inference speed option on the tiny students (issue 6): ``inference.cache_from_last_step``
-(the default), ``--option fp8_attention`` or ``--option decoder`` (light vs VAE).
+(the default), ``--option fp8_attention``, ``--option decoder`` (light vs VAE) or ``--option fastest`` (the
+fastest streamed variant: row-wise FP8 linears + cuDNN FP8 self-attention + the cache written by the last step).
 
 Writing the KV cache during the last denoising step saves one forward per block (5 -> 4 at 4 steps, 3 -> 2 at
 2 steps), but the cache then holds K/V computed from the last step's *noisy* input at its timestep instead of
@@ -10,6 +11,7 @@ on, and reports per-evaluation scores and the paired difference (per video, same
     python benchmarks/cache_from_last_step.py --models models     # ~5 min on 2 shared CPU cores
     python benchmarks/cache_from_last_step.py --option fp8_attention --checkpoint dmd/t2v-2step
     python benchmarks/cache_from_last_step.py --option fp8_attention --on cudnn --checkpoint dmd/t2v-2step
+    python benchmarks/cache_from_last_step.py --option fastest --checkpoint dmd/t2v-2step
 
 ``fp8_attention`` on the CPU runs the 8-bit attention's float32 reference (``kernels/fp8_attention_ref.py``),
 the same numbers as the GPU kernel up to its online softmax. Writes
@@ -38,12 +40,22 @@ DRIFT = tuple(s for s in DRIFT_SETTINGS if s[0] in ("single sink=on", "switch si
 
 
 VALUES = {"cache_from_last_step": ("false", "true"), "fp8_attention": ("off", "triton"), "decoder": ("vae", "light")}
+# --option fastest: every speed option of `longlive bench`'s fastest 2-step row at once, against none of them
+FASTEST = ("fp8=true", "fp8_attention=cudnn", "cache_from_last_step=true")
+
+
+def settings(option: str, on_value: str | None) -> tuple[tuple[str, str], list[str], list[str]]:
+    """(off and on labels, the off run's ``--set`` overrides, the on run's)."""
+    if option == "fastest":
+        return ("none", "all"), [], list(FASTEST)
+    values = (VALUES[option][0], on_value or VALUES[option][1])
+    return values, [f"{option}={values[0]}"], [f"{option}={values[1]}"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with ar/t2v and base/")
-    ap.add_argument("--option", default="cache_from_last_step", choices=list(VALUES),
+    ap.add_argument("--option", default="cache_from_last_step", choices=[*VALUES, "fastest"],
                     help="the inference option compared off vs on (decoder: vae vs light)")
     ap.add_argument("--on", help="the option's 'on' value (default: true; fp8_attention: triton, or cudnn)")
     ap.add_argument("--checkpoint", default="ar/t2v", help="the student under --models")
@@ -53,7 +65,7 @@ def main() -> int:
     ap.add_argument("--length-factor", type=int, default=6)
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
-    values = (VALUES[args.option][0], args.on or VALUES[args.option][1])
+    values, off_set, on_set = settings(args.option, args.on)
     torch.set_num_threads(1)
     models_dir = Path(args.models)
     preset = load_preset("tiny")
@@ -61,7 +73,7 @@ def main() -> int:
     reports = {}
     for on in (False, True):
         models, cfg_preset, ar = load_checkpoint(preset, models_dir / args.checkpoint, models_dir / "base",
-                                                 [f"{args.option}={values[on]}"])
+                                                 on_set if on else off_set)
         reports[on] = eval_prompt_following(models, cfg_preset, ["t2v", "multishot", "drift"], num_prompts=args.num_prompts,
                                num_multishot=args.num_multishot, num_drift=args.num_drift,
                                length_factor=args.length_factor, drift_settings=DRIFT, seed=0, samples=0,
@@ -87,10 +99,12 @@ def main() -> int:
     title = {"cache_from_last_step": "Cache from the last denoising step",
              "fp8_attention": {"triton": "8-bit self-attention (INT8 q.k, E4M3 P.v)",
                                "cudnn": "cuDNN FP8 self-attention (per-tensor E4M3 q, k, v, P)"}.get(values[1], values[1]),
-             "decoder": "The light decoder (distill_decoder) instead of the VAE"}[args.option]
+             "decoder": "The light decoder (distill_decoder) instead of the VAE",
+             "fastest": "The fastest variant (" + ", ".join(FASTEST) + ")"}[args.option]
     off_name, on_name = {"cache_from_last_step": ("off (t=0 cache pass)", "on (last step writes)"),
                          "fp8_attention": ("off (SDPA)", f"on ({values[1]})"),
-                         "decoder": ("VAE decoder", "light decoder")}[args.option]
+                         "decoder": ("VAE decoder", "light decoder"),
+                         "fastest": ("plain (bf16 linears, SDPA, t=0 cache pass)", "fastest")}[args.option]
     lines = [f"# {title}: quality cost on the tiny T2V student `{args.checkpoint}`", "",
              f"{result['date']}; models `{models_dir}`; `{result['command']}` ({result['runtime_s']:.0f} s). "
              f"Built-in prompt-following score (chance {result['chance_score']:.3f}); same prompts and seeds both ways; "
@@ -99,7 +113,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['eval']} | {r['off']:.3f} ± {r['off_sem']:.3f} | {r['on']:.3f} ± {r['on_sem']:.3f} | "
                      f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
-    stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES[args.option][1] else f"_{args.on}") \
+    stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES.get(args.option, (0, None))[1]
+                                    else f"_{args.on}") \
         + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
     write_results(Path(args.out_dir) / f"{stem}.json", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
