@@ -35,9 +35,11 @@ def test_second_repro_does_nothing(project):
 
 
 def test_param_change_reruns_only_dependents(project):
+    # a param of the last stage: what it reruns is seconds, and every stage above it must stay put
     text = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(text.replace("latent_std_max: 5.0", "latent_std_max: 6.0", 1))
+    assert text.count("version: '{preset}-v{n}'") == 1, "publish.version moved: pick another param of one stage"
+    (project / "params.yaml").write_text(text.replace("version: '{preset}-v{n}'", "version: '{preset}-r{n}'"))
     out = run(["dvc", "repro"], project).stdout
-    assert "Running stage 'validate'" in out
-    for stage in ("synth", "base", "encode"):
+    assert "Running stage 'publish'" in out
+    for stage in ("synth", "base", "encode", "validate", "train_ar@t2v", "train_dmd@t2v-2step", "evaluate"):
         assert f"Running stage '{stage}'" not in out, out

@@ -56,9 +56,9 @@ def test_each_preset_builds_what_its_evaluate_and_publish_read():
     assert tiny["train_ar"] == ["t2v", "i2v"]
     assert list(tiny["train_dmd"]) == ["t2v-2step", "i2v-2step"]  # evaluate's dmd_* (2-step students only)
     assert tiny["train_dmd"]["i2v-2step"] == ["i2v", "2step"]  # [VARIANT, STUDENT]: dvc.yaml's ${item[0]} ${item[1]}
-    # only the 2-step QAT students are read (nvfp4_*_2step_qat, publish): no 4-step QAT, no bf16 quantize
-    assert list(tiny["train_qat"]) == ["t2v-2step", "i2v-2step"]
-    assert tiny["quantize"] == ["t2v-2step-qat", "i2v-2step-qat"]
+    # only the T2V 2-step QAT student is read (nvfp4_t2v_2step_qat, publish): no 4-step or I2V QAT, no bf16 quantize
+    assert list(tiny["train_qat"]) == ["t2v-2step"]
+    assert tiny["quantize"] == ["t2v-2step-qat"]
     assert tiny["evaluate"] == list(library("tiny")["evaluate"]["variants"])  # the drift plots' lines
     for name in ("small", "wan22-5b"):  # they evaluate and publish their AR students alone
         d = dag_section(library(name), name)
@@ -163,8 +163,9 @@ def test_exp_show_on_the_default_preset_lists_its_params_alone(project):
 def test_switching_preset_with_dvc_exp_run_is_what_dvc_lock_records(project):
     run(["dvc", "repro", "synth"], project)
     tiny_items = items(project)
-    assert {"train_dmd@t2v-2step", "train_qat@i2v-2step", "quantize@t2v-2step-qat"} <= tiny_items
-    assert not tiny_items & {"train_dmd@t2v-4step", "train_qat@t2v-4step", "quantize@t2v-2step", "quantize@i2v-4step-qat"}
+    assert {"train_dmd@t2v-2step", "train_qat@t2v-2step", "quantize@t2v-2step-qat"} <= tiny_items
+    assert not tiny_items & {"train_dmd@t2v-4step", "train_qat@t2v-4step", "quantize@t2v-2step", "quantize@i2v-4step-qat",
+                              "train_qat@i2v-2step", "quantize@i2v-2step-qat"}
     assert lock(project, "synth")["params"]["params.yaml"]["preset"] == "tiny" and clips(project) == 12
 
     run(["dvc", "exp", "run", "-S", "preset=small", "-S", SMALL_ON_SYNTH, "synth"], project)

