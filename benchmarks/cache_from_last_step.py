@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--length-factor", type=int, default=6)
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     args = ap.parse_args()
+    if args.option == "fastest" and args.on is not None:
+        ap.error("--on sets one option's value; --option fastest turns on all of " + ", ".join(FASTEST))
     values, off_set, on_set = settings(args.option, args.on)
     torch.set_num_threads(1)
     models_dir = Path(args.models)
@@ -113,8 +115,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['eval']} | {r['off']:.3f} ± {r['off_sem']:.3f} | {r['on']:.3f} ± {r['on_sem']:.3f} | "
                      f"{r['delta']:+.3f} ± {r['delta_sem']:.3f} |")
-    stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES.get(args.option, (0, None))[1]
-                                    else f"_{args.on}") \
+    stem = f"{args.option}_tiny" + ("" if args.on is None or args.on == VALUES[args.option][1] else f"_{args.on}") \
         + ("" if args.checkpoint == "ar/t2v" else "_" + args.checkpoint.replace("/", "_"))
     write_results(Path(args.out_dir) / f"{stem}.json", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
