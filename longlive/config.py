@@ -539,6 +539,10 @@ class InferenceConfig(_Strict):
     compile: StrictBool = Field(default=False, description="torch.compile each DiT block (the KV-cache core stays eager)")
     fp8: StrictBool = Field(default=False, description="row-wise dynamic FP8 (E4M3) linears through torch._scaled_mm "
                       "(compute capability >= 8.9; a float32 emulation elsewhere); quant.keep_high_precision stays bf16")
+    cuda_graphs: StrictBool = Field(
+        default=True, description="replay the chunk loop's repeating DiT forwards (denoising steps, cache pass) as CUDA "
+        "graphs, captured the second time each shape and cache state comes (longlive.inference.cuda_graphs); CUDA "
+        "only, a no-op elsewhere; false launches every kernel from Python")
     cache_from_last_step: StrictBool = Field(
         default=False, description="write the KV cache during the last denoising step instead of a separate t=0 pass "
         "over the clean block (one forward less per block; the cache then holds K/V of the last step's noisy input)")

@@ -22,6 +22,7 @@ class Variant:
     kv_cache: str = "dense"
     fp8_attention: str = "off"  # self-attention in 8 bits: triton (kernels/fp8_attention.py) or cudnn (kernels/fp8_sdpa.py)
     min_left: float = 30.0  # seconds of the time budget a stage of this variant needs to start
+    cuda_graphs: bool = True  # inference.cuda_graphs (CUDA only)
 
 
 # In the order they run: FP8 is undone after its rows, NVFP4 replaces the bf16 weights for good.
@@ -29,11 +30,15 @@ VARIANTS = (
     Variant("bf16-plain", "bf16 plain", "reference path: torch.cat KV cache, PyTorch elementwise ops",
             plain=True, kernels=False),
     Variant("bf16-fast", "bf16 fast", "in-place KV cache, fused kernels, per-prompt context"),
+    Variant("bf16-eager", "bf16 fast, no CUDA graphs", "bf16 fast with every kernel launched from Python "
+            "(inference.cuda_graphs: false)", cuda_graphs=False),
     Variant("fp8", "fp8 fast", "bf16 fast with row-wise FP8 (E4M3) linears", weights="fp8"),
     Variant("fp8-attn8", "fp8 fast + 8-bit attention", "fp8 with self-attention in INT8 q.k / E4M3 P.v",
             weights="fp8", fp8_attention="triton"),
     Variant("fp8-cudnn", "fp8 fast + cuDNN FP8 attention", "fp8 with self-attention in cuDNN's FP8 flash attention "
             "(per-tensor E4M3 q, k, v, P)", weights="fp8", fp8_attention="cudnn"),
+    Variant("fp8-cudnn-eager", "fp8 fast + cuDNN FP8 attention, no CUDA graphs", "fp8-cudnn with every kernel "
+            "launched from Python", weights="fp8", fp8_attention="cudnn", cuda_graphs=False),
     Variant("bf16-cudnn8", "bf16 fast + cuDNN FP8 attention", "bf16 linears with self-attention in cuDNN's FP8 flash "
             "attention", fp8_attention="cudnn"),
     Variant("bf16-compile", "bf16 fast + compile", "bf16 fast with torch.compile of each block", compile=True,
@@ -69,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="denoising step counts (default: 4 2)")
     p.add_argument("--last-step-cache", nargs="*", type=int, default=[], metavar="N",
                    help="also stream these step counts with inference.cache_from_last_step (no t=0 cache pass)")
-    p.add_argument("--blocks", type=int, help="blocks streamed per row (default: the blocks that fill the window + 2)")
+    p.add_argument("--blocks", type=int, help="blocks streamed per row (default: the blocks that fill the window + 4: two capture the CUDA graphs, two are steady)")
     p.add_argument("--block-frames", type=int, help="latent frames per block (default: inference.block_frames)")
     p.add_argument("--window-frames", type=int,
                    help="cached latent frames besides the sink (default: inference.window_frames)")

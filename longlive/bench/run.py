@@ -315,7 +315,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         if not variants:
             raise ConfigError("no variant left to run (--variants / --skip)")
         if args.blocks is None:
-            args.blocks = max(s.warm_blocks for s in shapes) + 2
+            # + 2 blocks to capture the steady block's CUDA graphs (steps, then the cache pass), + 2 steady ones
+            args.blocks = max(s.warm_blocks for s in shapes) + 4
         if args.blocks < 1:
             raise ConfigError(f"--blocks {args.blocks} must be >= 1")
         device = resolve_device(args.device or preset.device)  # a DeviceError is a ConfigError

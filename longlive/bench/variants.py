@@ -128,7 +128,7 @@ def variant_inference(preset: Preset, v: Variant) -> InferenceConfig:
     """The preset's inference settings with ``v``'s switches (FP8 linears are :class:`BenchModel`'s own, reversible
     swap, so the inference path never converts them)."""
     return preset.inference.model_copy(update={"kernels": v.kernels, "compile": v.compile, "fp8": False,
-                                               "fp8_attention": v.fp8_attention})
+                                               "fp8_attention": v.fp8_attention, "cuda_graphs": v.cuda_graphs})
 
 
 def inference_for(preset: Preset, shape: BenchShape, v: Variant | None = None, **update) -> InferenceConfig:
@@ -189,6 +189,7 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
                 finally:
                     if cuda:
                         torch.cuda.set_sync_debug_mode(0)
+            captured = pipe.graphs.counts["captured"] if pipe.graphs is not None else 0
             t_issued = now()  # the chunk loop never syncs: the host has enqueued the block's work here
             sync(device)
             t_dit = now()
@@ -208,7 +209,8 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
                 "other_s": (t1 - t0) - dit_s - cache_s - vae_s, "wall_dit_s": t_dit - t0, "host_s": t_issued - t0,
                 "done_at_s": t1 - start,
                 "pixel_frames": frames, "cache_frames": len(t["cache_frames"]), "cache_bytes": t["cache_bytes"],
-                "host_syncs": sum("synchroniz" in str(w.message).lower() for w in caught) if cuda else None})
+                "host_syncs": sum("synchroniz" in str(w.message).lower() for w in caught) if cuda else None,
+                "graphs_captured": captured})
         finite = bool(torch.isfinite(out.latents).all())
     peak_gib = mem.peak_mb / 1024 if mem.peak_mb is not None else None
     if cuda:  # PeakMemory's CUDA figure only covers the last block once the statistics were reset
@@ -216,6 +218,7 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
     if decoder is not None:
         decoder.close()
     r = {"steps": steps, "cache_pass": cache_pass, "blocks": per_block, "finite": finite, "vae": decoder is not None,
+         "cuda_graphs": dict(pipe.graphs.counts) if pipe.graphs is not None else None,
          "peak_mem_gib": peak_gib, "peak_mem_kind": mem.kind, "dit_peak_mem_gib": dit_peak / 2**30 if cuda else None,
          "kv_cache_gib": per_block[-1]["cache_bytes"] / 2**30}
     storage = pipe.cache.storage
@@ -225,14 +228,21 @@ def stream_blocks(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, de
     return r
 
 
-def steady_from(shape: BenchShape, blocks: int) -> int:
-    """First steady block: the first with a full window when there is one, else the second (else the first)."""
-    return shape.warm_blocks if blocks > shape.warm_blocks else min(1, blocks - 1)
+def steady_from(shape: BenchShape, blocks: list[dict]) -> int:
+    """First steady block of a stream's per-block records: the first with a full window when there is one, else the
+    second (else the first); and after the last block that captured a CUDA graph (its capture is warm-up)."""
+    n = len(blocks)
+    first = shape.warm_blocks if n > shape.warm_blocks else min(1, n - 1)
+    last_capture, before = -1, 0
+    for i, b in enumerate(blocks):  # graphs_captured: the pipeline's running count after the block
+        if b.get("graphs_captured", 0) > before:
+            last_capture, before = i, b["graphs_captured"]
+    return max(first, min(last_capture + 1, n - 1))
 
 
 def summarize(name: str, variant_id: str, shape: BenchShape, r: dict) -> dict:
     """One table row: the steady blocks' means, the first-block latency, the stream's memory."""
-    first = steady_from(shape, len(r["blocks"]))
+    first = steady_from(shape, r["blocks"])
     bs = r["blocks"][first:]
     n, frames = len(bs), sum(b["pixel_frames"] for b in bs)
 
@@ -280,7 +290,7 @@ def end_to_end(dit: WanDiT, inference: InferenceConfig, shape: BenchShape, vae, 
     timings = decoder.close()
     total = now() - t0
     done = [d["done_at"] - t0 for d in sorted(timings, key=lambda d: d["block"])]
-    warm = min(shape.warm_blocks, blocks - 2)  # steady once the window is full
+    warm = min(shape.warm_blocks + 2, blocks - 2)  # steady once the window is full and its CUDA graphs captured
     r = {"resolution": shape.resolution, "steps": steps, "blocks": blocks, "vae_frames_per_call": frames_per_call,
          "vae_kernels": vae_kernels, "vae_fast": vae_fast, "first_block_latency_s": done[0], "total_s": total, "pixel_frames": sum(counted),
          "steady_fps": sum(counted[warm + 1:]) / (done[-1] - done[warm]),

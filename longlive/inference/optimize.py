@@ -192,7 +192,8 @@ def _unmemoise(module: nn.Module) -> None:
         del module.__dict__["_context_memo"], module.__dict__["forward"]
 
 
-def _context_modules(dit: WanDiT) -> list[nn.Module]:
+def context_modules(dit: WanDiT) -> list[nn.Module]:
+    """The modules :func:`apply_context_memo` memoises: the text embedder, then each block's cross-attention K and V."""
     return [dit.text_embedder] + [getattr(b.attn2, n) for b in dit.blocks for n in ("to_k", "to_v")]
 
 
@@ -200,12 +201,12 @@ def apply_context_memo(dit: WanDiT) -> None:
     """Memoise the text embedder and the cross-attention K/V projections (idempotent): within a prompt the
     pipeline passes the same context tensor to every forward, so they run once per prompt. Apply after any
     conversion of the linears (FP8, NVFP4), which replaces these modules."""
-    for m in _context_modules(dit):
+    for m in context_modules(dit):
         _memoise(m)
 
 
 def remove_context_memo(dit: WanDiT) -> None:
-    for m in _context_modules(dit):
+    for m in context_modules(dit):
         _unmemoise(m)
 
 

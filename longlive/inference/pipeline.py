@@ -20,7 +20,8 @@ with its own half of the cache.
 The loop never waits for the GPU: the dense KV cache is preallocated and updated in place
 (:class:`~longlive.models.attention.DenseKVStorage`), noise goes to the device from pinned host memory
 without blocking, timesteps are made on the device, and timings are CUDA events read only when
-:attr:`BlockOutput.timings` is. The pipeline runs the model as it is given: ``inference.kernels`` /
+:attr:`BlockOutput.timings` is. On CUDA the forwards that repeat (a steady block's denoising steps and its
+cache pass) replay from CUDA graphs (:mod:`longlive.inference.cuda_graphs`, ``inference.cuda_graphs``). The pipeline runs the model as it is given: ``inference.kernels`` /
 ``compile`` / ``fp8`` are applied when the model is built (:func:`longlive.inference.build.build_dit`).
 """
 
@@ -36,6 +37,7 @@ from torch import Tensor
 from longlive.config import InferenceConfig
 from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
 from longlive.models.cache import FrameRecord, RollingKVCache, history_mask
+from longlive.inference.cuda_graphs import GraphedForward
 from longlive.inference.schedule import BlockPlan
 from longlive.models.attention import DenseKVStorage
 from longlive.models.dit import WanDiT
@@ -102,6 +104,9 @@ class StreamingPipeline:
         self.sigmas = step_sigmas(cfg.denoising_steps, cfg.timestep_shift)
         self.kv_cache = kv_cache
         self.cache = self.new_cache()
+        self.graphs: GraphedForward | None = None  # inference.cuda_graphs, on CUDA (longlive.inference.cuda_graphs)
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            self.graphs = GraphedForward(dit)
 
     def new_cache(self) -> RollingKVCache:
         c, layers = self.cfg, len(self.dit.blocks)
@@ -130,12 +135,19 @@ class StreamingPipeline:
     def _batch(self, x: Tensor) -> Tensor:
         return torch.cat((x, x)) if self.cfg_on else x
 
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor) -> Tensor:
+        """One DiT forward of the chunk loop over the cache: replayed from a CUDA graph where one is captured
+        (``self.graphs``), else eager."""
+        if self.graphs is not None:
+            return self.graphs(x, t, context, positions, self.cache)
+        return self.dit(x, t, context, kv_cache=self.cache, frame_positions=positions)
+
     def velocity(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor) -> Tensor:
         """Model velocity for (1, C, n, h, w) ``x`` at per-frame timesteps ``t`` (n,), reading the cache
         (and writing it, inside ``cache.writing()``)."""
         xb = self._batch(x).to(self.device)
         tb = t.to(self.device)[None].expand(xb.shape[0], -1)
-        v = self.dit(xb, tb, context, kv_cache=self.cache, frame_positions=positions).float()
+        v = self.forward(xb, tb, context, positions).float()
         if self.cfg_on:
             cond, uncond = v.chunk(2)
             v = uncond + self.cfg.guidance_scale * (cond - uncond)
@@ -145,8 +157,7 @@ class StreamingPipeline:
         """The t=0 pass over a clean block that stores its K/V."""
         xb = self._batch(x0).to(self.device)
         with self.cache.writing():
-            self.dit(xb, torch.zeros(xb.shape[0], x0.shape[2], device=self.device), context,
-                     kv_cache=self.cache, frame_positions=positions)
+            self.forward(xb, torch.zeros(xb.shape[0], x0.shape[2], device=self.device), context, positions)
 
     @torch.no_grad()
     def recache(self, context: Tensor) -> None:
@@ -230,9 +241,12 @@ class StreamingPipeline:
         self.cache.reset()
         C, h, w = latent_shape
         shot_start = 0
+        batched: dict[int, Tensor] = {}  # one context tensor per prompt: the context memo and CUDA graphs key on it
         for plan in plans:
             marks: dict = {}
-            context = self._context(contexts[plan.prompt], null_context)
+            if plan.prompt not in batched:
+                batched[plan.prompt] = self._context(contexts[plan.prompt], null_context)
+            context = batched[plan.prompt]
             if plan.new_shot:
                 shot_start = plan.start
             if plan.switch and self.cfg.recache_on_switch and self.cache.frames:

@@ -423,6 +423,25 @@ class KVCache:
         if self.storage is not None:
             self.storage.reset()
 
+    def graph_state(self) -> tuple | None:
+        """The host-side state a forward reads and changes: held positions, the write flag and the storage's own
+        (:meth:`DenseKVStorage.graph_state`). A forward replayed from a CUDA graph
+        (:mod:`longlive.inference.cuda_graphs`) runs none of this Python, so the replayer sets it instead. None
+        for the list-of-tensors cache, whose every write makes new tensors (nothing fixed to capture)."""
+        storage_state = getattr(self.storage, "graph_state", None)
+        if storage_state is None:
+            return None
+        return (tuple(self.positions.tolist()), self.write, storage_state())
+
+    def load_graph_state(self, state: tuple) -> None:
+        """Set what :meth:`graph_state` returned (the write flag is the caller's ``writing()`` context: checked)."""
+        positions, write, storage_state = state
+        if write != self.write:
+            raise RuntimeError(f"graph state of a {'writing' if write else 'reading'} pass loaded into a "
+                               f"{'writing' if self.write else 'reading'} one")
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.storage.load_graph_state(storage_state)
+
     def cache_bytes(self) -> int:
         if self.storage is not None:
             return self.storage.nbytes()
@@ -507,6 +526,17 @@ class DenseKVStorage:
     def held(self, layer: int) -> tuple[Tensor, Tensor] | None:
         n = self.length[layer]
         return (self.k[layer][:, :n], self.v[layer][:, :n]) if n else None
+
+    def graph_state(self) -> tuple:
+        """Held tokens per layer and tokens per frame (what a forward changes on the host), and the buffers'
+        generation (a reallocation moves them, so a captured forward no longer reads the right memory)."""
+        return (tuple(self.length), self.tokens_per_frame, self.reallocations)
+
+    def load_graph_state(self, state: tuple) -> None:
+        length, self.tokens_per_frame, reallocations = state
+        if reallocations != self.reallocations:
+            raise RuntimeError("KV buffers were reallocated since this state was taken")
+        self.length = list(length)
 
     def reset(self) -> None:
         """Forget the held K/V; the buffers stay allocated for the next video (or re-cache)."""

@@ -243,13 +243,7 @@ class WanDiT(nn.Module):
             frame_positions = frame_offset + torch.arange(f)
         elif frame_positions.shape[-1] != f or frame_positions.ndim not in (1, 2):
             raise ValueError(f"frame_positions must be ({f},) or (B, {f}), got {tuple(frame_positions.shape)}")
-        rope = rope_freqs(self.cfg.head_dim, frame_positions, h, w, device=x.device)
-        key_rope = None
-        if kv_cache is not None and kv_cache.num_frames:
-            if frame_positions.ndim != 1:
-                raise ValueError("with a kv_cache, frame_positions must be (f,): the cache holds one position per frame")
-            key_positions = torch.cat((kv_cache.positions, frame_positions.cpu().long()))
-            key_rope = rope_freqs(self.cfg.head_dim, key_positions, h, w, device=x.device)
+        rope, key_rope = self.rope_tables(frame_positions, kv_cache, h, w, x.device)
         context, context_mask = self.prompt_context(context, context_mask, context_index, f, h * w)
         temb, e = self.embed_timestep(timestep, f, dtype=context.dtype)
         cached = kv_cache.num_frames if kv_cache is not None else 0
@@ -273,6 +267,18 @@ class WanDiT(nn.Module):
         x = self.proj_out(x)
         x = x.reshape(B, f, h, w, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, self.out_channels, f * pt, h * ph, w * pw)
+
+    def rope_tables(self, frame_positions: Tensor, kv_cache: KVCache | None, h: int, w: int, device: torch.device
+                    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """RoPE tables of the queries (``frame_positions``) and, with a non-empty cache, of the keys (the held
+        frames' positions followed by the new ones); memoised per positions (:func:`rope_freqs`)."""
+        rope = rope_freqs(self.cfg.head_dim, frame_positions, h, w, device=device)
+        if kv_cache is None or not kv_cache.num_frames:
+            return rope, None
+        if frame_positions.ndim != 1:
+            raise ValueError("with a kv_cache, frame_positions must be (f,): the cache holds one position per frame")
+        key_positions = torch.cat((kv_cache.positions, frame_positions.cpu().long()))
+        return rope, rope_freqs(self.cfg.head_dim, key_positions, h, w, device=device)
 
     def prompt_context(
         self, context: Tensor, context_mask: Tensor | None, context_index: Tensor | None, frames: int, frame_tokens: int

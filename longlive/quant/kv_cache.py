@@ -191,6 +191,16 @@ class NVFP4KVStorage:
         """Forget the held K/V; the buffers stay allocated for the next video."""
         self.length = [0] * self.num_layers
 
+    def graph_state(self) -> tuple:
+        """As :meth:`longlive.models.attention.DenseKVStorage.graph_state` (plus the held K/V's shape)."""
+        return (tuple(self.length), self.tokens_per_frame, self.reallocations, self._shape)
+
+    def load_graph_state(self, state: tuple) -> None:
+        length, self.tokens_per_frame, reallocations, self._shape = state
+        if reallocations != self.reallocations:
+            raise RuntimeError("KV buffers were reallocated since this state was taken")
+        self.length = list(length)
+
     def nbytes(self) -> int:
         """Bytes of the held K/V (codes, block scales, globals)."""
         total = 0
