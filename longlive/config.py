@@ -541,7 +541,7 @@ class InferenceConfig(_Strict):
                       "(compute capability >= 8.9; a float32 emulation elsewhere); quant.keep_high_precision stays bf16")
     cuda_graphs: StrictBool = Field(
         default=True, description="replay the chunk loop's repeating DiT forwards (denoising steps, cache pass) as CUDA "
-        "graphs, captured the second time each shape and cache state comes (longlive.inference.cuda_graphs); CUDA "
+        "graphs, captured in the second block a shape and cache state come in (longlive.inference.cuda_graphs); CUDA "
         "only, a no-op elsewhere; false launches every kernel from Python")
     cache_from_last_step: StrictBool = Field(
         default=False, description="write the KV cache during the last denoising step instead of a separate t=0 pass "

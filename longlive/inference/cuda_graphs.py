@@ -11,11 +11,14 @@ positions), and its cache pass as the same write; every later block repeats both
 state (:meth:`~longlive.models.attention.KVCache.graph_state`: held positions, write flag, held tokens per layer,
 the buffers' generation). Per signature :class:`GraphedForward`
 
-1. runs the first call eagerly (it warms what the forward builds on first use: the RoPE tables, Triton and cuDNN
-   kernels for the shape, the cache's buffers);
-2. captures the second call, then replays it to produce its result;
+1. runs its calls eagerly within the first block it comes in (they warm what the forward builds on first use: the
+   RoPE tables, Triton and cuDNN kernels for the shape, the cache's buffers), so the blocks that fill the cache, whose
+   signatures never come again, capture nothing and the first block's latency has no capture in it;
+2. captures its first call in a later block, then replays that graph to produce the call's result;
 3. replays every later call: inputs copied into the graph's static buffers, the cache's host state set to what the
    captured call left (a replay runs no Python, so nothing else would advance it).
+
+A block ends with its writing forward (the cache pass, or the last step with ``cache_from_last_step``).
 
 What a graph reads from outside its memory pool must stay where it was: the weights; the KV buffers (their
 generation is in the signature); the RoPE tables (held by the graph, so the memo's eviction cannot free them); and
@@ -93,7 +96,8 @@ class GraphedForward:
         self.dit, self.graph_factory, self.max_graphs = dit, graph_factory, max_graphs
         self.cache: KVCache | None = None
         self.graphs: dict[tuple, _Entry | None] = {}  # None: not capturable, stays eager
-        self.seen: set[tuple] = set()
+        self.seen: dict[tuple, int] = {}  # signature -> the block it first came in
+        self.block = 0  # writing forwards so far: the block the chunk loop is in
         self.pool = None
         self.context: Tensor | None = None
         self.context_version = -1
@@ -105,6 +109,12 @@ class GraphedForward:
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         if cache is not self.cache:  # graphs are bound to one cache's buffers
             self.reset(cache)
+        writes = cache.write
+        out = self._call(x, t, context, positions)
+        self.block += writes
+        return out
+
+    def _call(self, x: Tensor, t: Tensor, context: Tensor, positions: Tensor) -> Tensor:
         if context is not self.context or context._version != self.context_version:
             self.context, self.context_version = context, context._version
             return self._eager(x, t, context, positions)  # refreshes the context memo for the graphs
@@ -113,8 +123,8 @@ class GraphedForward:
             return self._eager(x, t, context, positions)
         entry = self.graphs.get(sig, _MISSING)
         if entry is _MISSING:
-            if sig not in self.seen or len(self.graphs) >= self.max_graphs:
-                self.seen.add(sig)
+            first = self.seen.setdefault(sig, self.block)
+            if first == self.block or len(self.graphs) >= self.max_graphs:
                 return self._eager(x, t, context, positions)
             entry = self.graphs[sig] = self._capture(x, t, context, positions)
         if entry is None:
@@ -123,7 +133,7 @@ class GraphedForward:
 
     def reset(self, cache: KVCache | None = None) -> None:
         """Drop every graph (e.g. after the model changed); the next calls run eagerly and capture anew."""
-        self.cache, self.graphs, self.seen, self.pool = cache, {}, set(), None
+        self.cache, self.graphs, self.seen, self.pool, self.block = cache, {}, {}, None, 0
         self.context, self.context_version = None, -1
 
     # ------------------------------------------------------------------ pieces
