@@ -20,9 +20,10 @@ with its own half of the cache.
 The loop never waits for the GPU: the dense KV cache is preallocated and updated in place
 (:class:`~longlive.models.attention.DenseKVStorage`), noise goes to the device from pinned host memory
 without blocking, timesteps are made on the device, and timings are CUDA events read only when
-:attr:`BlockOutput.timings` is. On CUDA the forwards that repeat (a steady block's denoising steps and its
-cache pass) replay from CUDA graphs (:mod:`longlive.inference.cuda_graphs`, ``inference.cuda_graphs``). The pipeline runs the model as it is given: ``inference.kernels`` /
-``compile`` / ``fp8`` are applied when the model is built (:func:`longlive.inference.build.build_dit`).
+:attr:`BlockOutput.timings` is. With ``inference.cuda_graphs`` on CUDA, the forwards that repeat (a steady
+block's denoising steps and its cache pass) replay from CUDA graphs (:mod:`longlive.inference.cuda_graphs`).
+The pipeline runs the model as it is given: ``inference.kernels`` / ``compile`` / ``fp8`` are applied when
+the model is built (:func:`longlive.inference.build.build_dit`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from torch import Tensor
 
 from longlive.config import InferenceConfig
 from longlive.diffusion.flow import NUM_TRAIN_TIMESTEPS, step_list_sigmas
-from longlive.models.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.inference.cuda_graphs import GraphedForward
 from longlive.inference.schedule import BlockPlan
+from longlive.models.cache import FrameRecord, RollingKVCache, history_mask
 from longlive.models.attention import DenseKVStorage
 from longlive.models.dit import WanDiT
 from longlive.quant.kv_cache import make_kv_storage

@@ -74,6 +74,7 @@ def test_default_preset_is_the_one_the_file_records_and_the_env_may_only_agree(t
         (lambda p: p["encode"].update(dtype="fp16"), "presets.tiny.encode.dtype", "'auto', 'bf16' or 'fp32'"),
         (lambda p: p["inference"].update(vae_decoder="diffusers"), "presets.tiny.inference.vae_decoder",
          "'fast' or 'reference'"),
+        (lambda p: p["inference"].update(cuda_graphs="yes"), "presets.tiny.inference.cuda_graphs", "valid boolean"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, words):
